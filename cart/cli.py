@@ -1,0 +1,171 @@
+"""The ``cart`` command line: one thin Typer command per stage.
+
+Heavy libraries (torch, transformers) are imported inside the stage functions, so ``cart
+--help`` answers at once. Errors caused by input (``CartError``) and usage errors print one line
+on stderr and exit non-zero; stdout carries data only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cart import __version__
+from cart.io import CartError
+
+app = typer.Typer(
+    name="cart",
+    help="Turn a large text corpus into a cartridge (a small trained KV cache) with "
+         "self-study, and answer queries with it. Every stage reads files or stdin (-) and "
+         "writes files or stdout. See man cart(1) and cart-formats(5).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Model: a Hugging Face folder, a .gguf file, a model id in the local "
+                          "HF cache, or 'smollm2' (the embedded default).",
+    show_default=False)]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info on stderr "
+                                                               "(errors still shown).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", help="TOML or JSON file of settings ([chunk] table or top-level keys); "
+                     "flags given on the command line win.", show_default=False)]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"cart {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False):
+    pass
+
+
+@app.command("chunk")
+def chunk_command(
+    inputs: Annotated[Optional[list[str]], typer.Argument(
+        help="Corpus files or directories (recursive, text files only), or - for stdin.",
+        show_default=False)] = None,
+    num_chunks: Annotated[Optional[int], typer.Option(
+        "-n", "--num-chunks", help="Number of windows [random: enough to cover the corpus "
+                                   "once on average; sequential: all].", show_default=False)] = None,
+    mode: Annotated[Optional[str], typer.Option(
+        "--mode", help="random (uniform lengths and starts) or sequential. [default: random]",
+        show_default=False)] = None,
+    min_tokens: Annotated[Optional[int], typer.Option(
+        "--min-tokens", help="Shortest window in tokens. [default: 512]", show_default=False)] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(
+        "--max-tokens", help="Longest window in tokens. [default: 4096]", show_default=False)] = None,
+    overlap: Annotated[Optional[int], typer.Option(
+        "--overlap", help="Sequential mode: tokens shared by consecutive windows. [default: 0]",
+        show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="Random seed (same seed and corpus = same chunks). [default: 0]",
+        show_default=False)] = None,
+    description: Annotated[Optional[str], typer.Option(
+        "--description", help="Text describing the corpus, stored with each chunk and put "
+                              "before it in self-study prompts.", show_default=False)] = None,
+    output: Annotated[Optional[str], typer.Option(
+        "-o", "--output", help="Output JSONL file (written atomically) or - for stdout.",
+        show_default="stdout")] = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Cut a corpus into token windows (cart.chunk/1 JSONL on stdout or -o)."""
+    from cart.chunk import ChunkConfig, chunk_corpus
+    from cart.config import resolve
+    from cart.io import Console, write_jsonl
+
+    console = Console(quiet)
+    cfg = resolve(ChunkConfig, config, "chunk", mode=mode, num_chunks=num_chunks,
+                  min_tokens=min_tokens, max_tokens=max_tokens, overlap=overlap, seed=seed,
+                  description=description)
+    if not inputs:
+        if sys.stdin.isatty():
+            raise CartError("no input: give corpus files or directories, or - for stdin")
+        inputs = ["-"]
+    records = chunk_corpus(inputs, cfg, model, console)
+    write_jsonl(records, output)
+
+
+@app.command("info")
+def info_command(
+    cartridge: Annotated[str, typer.Argument(help="A cartridge file (.safetensors).",
+                                             show_default=False)],
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="Also check that the cartridge fits this model (refused if not).",
+        show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of "
+                                                         "the listing.")] = False,
+):
+    """Show a cartridge's metadata, size, and compression against the corpus in context."""
+    from cart.info import cartridge_info, format_info
+
+    info = cartridge_info(cartridge, model)
+    if as_json:
+        from cart.io import dumps
+
+        sys.stdout.buffer.write(dumps(info))
+    else:
+        sys.stdout.write(format_info(info))
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"cart: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _usage_exceptions() -> tuple[type[BaseException], ...]:
+    # Typer >= 0.20 vendors click (typer.TyperException); older ones raise click's own.
+    kinds: list[type[BaseException]] = [getattr(typer, "TyperException", CartError)]
+    try:
+        import click
+
+        kinds.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning known errors into one line and an exit code."""
+    command = typer.main.get_command(app)
+    usage_errors = _usage_exceptions()
+    try:
+        code = command.main(args=argv, prog_name="cart", standalone_mode=False)
+    except CartError as e:
+        _fail(str(e), e.exit_code)
+    except usage_errors as e:
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `cart`: show the help
+            print(ctx.get_help() if ctx else e.format_message(), file=sys.stderr)
+            sys.exit(2)
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _fail(f"{e.format_message()}{where}", getattr(e, "exit_code", 2))
+    except (typer.Abort, KeyboardInterrupt):
+        _fail("interrupted", 130)
+    except BrokenPipeError:  # `cart chunk ... | head`: the reader left; not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
+    except Exception as e:  # a bug: keep it to one line unless asked for the traceback
+        if os.environ.get("CART_DEBUG"):
+            raise
+        _fail(f"internal error: {type(e).__name__}: {e} (set CART_DEBUG=1 for a traceback)", 70)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""``cart info``: what a cartridge file holds, how big it is, and what it saves.
+
+The compression ratio compares the cartridge's KV cache with the KV cache the whole corpus
+would occupy in context for the same model and dtype (``corpus_tokens`` x bytes per token).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from cart.cartridge import Cartridge, kv_bytes_per_token
+
+
+def cartridge_info(path: str | os.PathLike, model: str | None = None) -> dict[str, Any]:
+    """Metadata plus sizes, as a JSON-ready dict. With ``model``, checks compatibility."""
+    from cart.io import Console
+
+    expect = None
+    if model is not None:
+        from cart.models import ModelIdentity, resolve_model
+
+        expect = ModelIdentity.of(resolve_model(model, Console(quiet=True)))
+    cart = Cartridge.load(path, expect=expect)
+    md = cart.metadata
+    per_token = kv_bytes_per_token(cart.num_layers, cart.kv_heads, cart.head_dim, cart.dtype)
+    info: dict[str, Any] = {
+        "file": str(path),
+        "file_bytes": Path(path).stat().st_size,
+        "kv_bytes": cart.kv_bytes(),
+        "kv_bytes_per_token": per_token,
+    }
+    corpus_tokens = md.get("corpus_tokens")
+    if corpus_tokens:
+        info["corpus_kv_bytes"] = corpus_tokens * per_token
+        info["compression_ratio"] = round(corpus_tokens / cart.num_tokens, 2)
+    if expect is not None:
+        info["compatible_with"] = expect.model_id
+    info["metadata"] = md
+    return info
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """A plain two-column listing (stable, greppable)."""
+    md = info["metadata"]
+    rows: list[tuple[str, str]] = [
+        ("file", info["file"]),
+        ("file size", f"{info['file_bytes']} bytes ({_human_bytes(info['file_bytes'])})"),
+        ("KV cache", f"{info['kv_bytes']} bytes ({_human_bytes(info['kv_bytes'])}) for "
+                     f"{md['p']} tokens ({md['num_frozen_tokens']} frozen)"),
+    ]
+    if "corpus_kv_bytes" in info:
+        rows.append(("corpus in context",
+                     f"{info['corpus_kv_bytes']} bytes ({_human_bytes(info['corpus_kv_bytes'])}) "
+                     f"for {md['corpus_tokens']} tokens"))
+        rows.append(("compression", f"{info['compression_ratio']}x smaller than the corpus's KV cache"))
+    if "compatible_with" in info:
+        rows.append(("compatible with", info["compatible_with"]))
+    for key in sorted(md):
+        value = md[key]
+        if isinstance(value, (dict, list)):
+            import json
+
+            value = json.dumps(value, sort_keys=True)
+        rows.append((key, str(value)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows) + "\n"

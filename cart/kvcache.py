@@ -1,0 +1,60 @@
+"""Cartridge <-> transformers KV cache.
+
+A cartridge's keys are post-RoPE at positions ``0..p-1``; the tokens that follow it start at
+position ``p``, which is what transformers does by default for a cache of length p.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from cart.cartridge import Cartridge
+
+if TYPE_CHECKING:
+    import torch
+
+
+def prefix_kv(model: Any, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The model's own KV cache for one token sequence: per layer ``[kv_heads, T, head_dim]``."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=input_ids.view(1, -1), past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+    return [(layer.keys[0].clone(), layer.values[0].clone()) for layer in cache.layers]
+
+
+def cartridge_from_tokens(model: Any, input_ids: torch.Tensor, num_frozen: int = 1,
+                          metadata: dict[str, Any] | None = None) -> Cartridge:
+    """A cartridge holding the KV cache of ``input_ids`` (the paper's initialization when they
+    are the corpus's first p tokens), the first ``num_frozen`` positions as the frozen sink."""
+    if not 0 < num_frozen < input_ids.numel():
+        raise ValueError(f"need more than {num_frozen} tokens, got {input_ids.numel()}")
+    kv = prefix_kv(model, input_ids)
+    return Cartridge(
+        frozen_keys=[k[:, :num_frozen].contiguous() for k, _ in kv],
+        frozen_values=[v[:, :num_frozen].contiguous() for _, v in kv],
+        keys=[k[:, num_frozen:].contiguous() for k, _ in kv],
+        values=[v[:, num_frozen:].contiguous() for _, v in kv],
+        metadata=dict(metadata or {}),
+    )
+
+
+def cache_from_cartridge(cart: Cartridge, model: Any, batch_size: int = 1,
+                         dtype: torch.dtype | None = None):
+    """A fresh DynamicCache pre-filled with the cartridge, shared across a batch by ``expand``.
+
+    A forward pass extends the cache in place, so build one per request/step.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for i in range(cart.num_layers):
+        k, v = cart.layer(i)
+        if dtype is not None:
+            k, v = k.to(dtype), v.to(dtype)
+        cache.update(k.unsqueeze(0).expand(batch_size, -1, -1, -1),
+                     v.unsqueeze(0).expand(batch_size, -1, -1, -1), i)
+    return cache
