@@ -37,6 +37,10 @@ demo: install
 		--description "Below is a section of the handbook of a fictional freight cooperative." \
 		-o $(DEMO_OUT)/chunks.jsonl
 	@$(PY) examples/show_chunks.py $(DEMO_OUT)/chunks.jsonl
+	@echo "== cart synth: self-study on those chunks (8 conversations, short turns to fit a CPU)"
+	$(CART) synth $(DEMO_OUT)/chunks.jsonl -n 8 --seed 0 --batch-size 8 \
+		--max-tokens-a 64 --max-tokens-b 128 -o $(DEMO_OUT)/convos.jsonl
+	@$(PY) examples/show_convos.py $(DEMO_OUT)/convos.jsonl
 
 test: install
 	$(PY) -m pytest -q
@@ -45,7 +49,10 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install
+	@echo "== model load: GGUF conversion (first run) vs cached folder"
 	$(PY) bench/model_load.py
+	@echo "== cart synth vs plain model.generate on the same prompts"
+	$(PY) bench/synth.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

@@ -70,14 +70,17 @@ class Document:
 
 
 # -- reading the corpus ------------------------------------------------------------------------
-def read_corpus(inputs: Sequence[str], console: Console) -> list[Document]:
-    """The text documents of the inputs. Named files must be text; directories skip the rest."""
+def read_corpus(inputs: Sequence[str], console: Console, stdin_bytes: bytes | None = None
+                ) -> list[Document]:
+    """The text documents of the inputs. Named files must be text; directories skip the rest.
+    ``stdin_bytes``: stdin already read by the caller (who sniffed its format)."""
     if not inputs:
         raise CartError("no input: give corpus files or directories, or - for stdin")
     docs: list[Document] = []
     for item in inputs:
         if item == STDIO:
-            docs.append(Document(STDIO, _decode(sys.stdin.buffer.read(), "<stdin>")))
+            data = stdin_bytes if stdin_bytes is not None else sys.stdin.buffer.read()
+            docs.append(Document(STDIO, _decode(data, "<stdin>")))
             continue
         p = Path(item)
         if p.is_dir():
@@ -235,11 +238,11 @@ def coverage(records: Sequence[dict[str, Any]], total: int) -> float:
 
 
 def chunk_corpus(inputs: Sequence[str], cfg: ChunkConfig, model: str | None,
-                 console: Console) -> list[dict[str, Any]]:
+                 console: Console, stdin_bytes: bytes | None = None) -> list[dict[str, Any]]:
     """Read, tokenize and cut a corpus: the whole ``cart chunk`` job as a function."""
     from cart.models import load_tokenizer, resolve_model, tokenizer_hash
 
-    docs = read_corpus(inputs, console)
+    docs = read_corpus(inputs, console, stdin_bytes)
     ref = resolve_model(model, console)
     tokenizer = load_tokenizer(ref)
     docs = tokenize_documents(docs, tokenizer)

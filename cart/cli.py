@@ -36,8 +36,9 @@ ModelOpt = Annotated[Optional[str], typer.Option(
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info on stderr "
                                                                "(errors still shown).")]
 ConfigOpt = Annotated[Optional[Path], typer.Option(
-    "--config", help="TOML or JSON file of settings ([chunk] table or top-level keys); "
-                     "flags given on the command line win.", show_default=False)]
+    "--config", help="TOML or JSON file of settings: a table named after the command "
+                     "([chunk], [synth] ...) or top-level keys; flags given on the command line "
+                     "win.", show_default=False)]
 
 
 def _version(value: bool) -> None:
@@ -98,6 +99,89 @@ def chunk_command(
         inputs = ["-"]
     records = chunk_corpus(inputs, cfg, model, console)
     write_jsonl(records, output)
+
+
+def _opt(flags: str | tuple[str, ...], help: str):
+    """An optional flag whose absence (None) lets the config file / dataclass default apply."""
+    names = (flags,) if isinstance(flags, str) else flags
+    return typer.Option(*names, help=help, show_default=False)
+
+
+@app.command("synth")
+def synth_command(
+    inputs: Annotated[Optional[list[str]], typer.Argument(
+        help="Corpus files/directories (chunked here, as cart chunk does) or cart.chunk/1 "
+             "JSONL files, or - for stdin (either kind).", show_default=False)] = None,
+    num_convos: Annotated[Optional[int], _opt(("-n", "--num-convos"),
+                                              "Conversations to generate. [default: 64]")] = None,
+    turns: Annotated[Optional[int], _opt("--turns", "Back-and-forths per conversation "
+                                                    "(paper: 1). [default: 1]")] = None,
+    seed: Annotated[Optional[int], _opt("--seed", "Random seed: same seed and inputs = same "
+                                                  "output. [default: 0]")] = None,
+    seed_prompts: Annotated[Optional[str], _opt(
+        "--seed-prompts", "mixed (the paper's five generic types, one per conversation), "
+                          "generic (single-prompt ablation), a comma-separated list of types, "
+                          "or a .txt/.jsonl file of your own. [default: mixed]")] = None,
+    temperature_a: Annotated[Optional[float], _opt("--temperature-a", "Sampling temperature of A "
+                                                   "(the question writer). [default: 0.6]")] = None,
+    max_tokens_a: Annotated[Optional[int], _opt("--max-tokens-a", "Token cap of A's messages. "
+                                                "[default: 512]")] = None,
+    temperature_b: Annotated[Optional[float], _opt("--temperature-b", "Sampling temperature of B "
+                                                   "(the answerer; 0 = greedy). [default: 0]")] = None,
+    max_tokens_b: Annotated[Optional[int], _opt("--max-tokens-b", "Token cap of B's messages. "
+                                                "[default: 1024]")] = None,
+    top_k: Annotated[Optional[int], _opt("--top-k", "Teacher log-probs kept per assistant token. "
+                                                    "[default: 20]")] = None,
+    logprob_mass: Annotated[Optional[float], _opt(
+        "--logprob-mass", "Of the top-k, keep candidates until this cumulative probability. "
+                          "[default: 0.99]")] = None,
+    batch_size: Annotated[Optional[int], _opt("--batch-size", "Conversations generated together. "
+                                                              "[default: 16]")] = None,
+    mode: Annotated[Optional[str], _opt("--mode", "Chunking of corpus inputs: random (one window "
+                                                  "per conversation) or sequential. [default: random]")] = None,
+    min_tokens: Annotated[Optional[int], _opt("--min-tokens", "Chunking: shortest window. "
+                                                              "[default: 512]")] = None,
+    max_tokens: Annotated[Optional[int], _opt("--max-tokens", "Chunking: longest window. "
+                                                              "[default: 4096]")] = None,
+    overlap: Annotated[Optional[int], _opt("--overlap", "Chunking (sequential): overlap. "
+                                                        "[default: 0]")] = None,
+    description: Annotated[Optional[str], _opt("--description", "Chunking: text describing the "
+                                               "corpus, put before each chunk.")] = None,
+    engine: Annotated[Optional[str], _opt("--engine", "Model runtime: transformers. "
+                                                      "[default: transformers]")] = None,
+    dtype: Annotated[Optional[str], _opt("--dtype", "float32, bfloat16 or float16. "
+                                                    "[default: float32]")] = None,
+    device: Annotated[Optional[str], _opt("--device", "cpu, cuda, cuda:N ... or auto (cuda when "
+                                                      "available). [default: auto]")] = None,
+    shard: Annotated[Optional[str], _opt("--shard", "i/n: do the i-th of n disjoint parts "
+                                                    "(concatenating parts 0..n-1 = the whole run).")] = None,
+    output: Annotated[Optional[str], typer.Option(
+        "-o", "--output", help="Output JSONL file, or - for stdout. A file is built as "
+                               "FILE.partial and renamed when done; rerunning the same command "
+                               "resumes it.", show_default="stdout")] = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Self-study: the model quizzes itself about chunks (cart.convo/1 JSONL with teacher top-k)."""
+    from cart.config import resolve
+    from cart.io import Console
+    from cart.synth import SynthConfig, parse_shard, synthesize
+
+    console = Console(quiet)
+    cfg = resolve(SynthConfig, config, "synth", num_convos=num_convos, turns=turns, seed=seed,
+                  seed_prompts=seed_prompts, temperature_a=temperature_a,
+                  max_tokens_a=max_tokens_a, temperature_b=temperature_b,
+                  max_tokens_b=max_tokens_b, top_k=top_k, logprob_mass=logprob_mass,
+                  batch_size=batch_size, mode=mode, min_tokens=min_tokens,
+                  max_tokens=max_tokens, overlap=overlap, description=description,
+                  engine=engine, dtype=dtype, device=device)
+    shard_ix = parse_shard(shard)
+    if not inputs:
+        if sys.stdin.isatty():
+            raise CartError("no input: give corpus files/directories or chunk JSONL, or - for stdin")
+        inputs = ["-"]
+    synthesize(inputs, cfg, model, output, shard_ix, console)
 
 
 @app.command("info")

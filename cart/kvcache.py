@@ -58,3 +58,56 @@ def cache_from_cartridge(cart: Cartridge, model: Any, batch_size: int = 1,
         cache.update(k.unsqueeze(0).expand(batch_size, -1, -1, -1),
                      v.unsqueeze(0).expand(batch_size, -1, -1, -1), i)
     return cache
+
+
+def preallocated_cache(model: Any, key_buffers: list[torch.Tensor],
+                       value_buffers: list[torch.Tensor], length: int):
+    """A DynamicCache over per-layer buffers ``[B, kv_heads, capacity, d]`` whose first
+    ``length`` positions are filled: decoding writes in place instead of re-concatenating the
+    whole cache at every step (a full copy of it per token)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    cache.layers = [PreallocatedLayer(k, v, length) for k, v in zip(key_buffers, value_buffers)]
+    return cache
+
+
+def _preallocated_layer_class():
+    import torch.nn.functional as F
+    from transformers.cache_utils import DynamicLayer
+
+    class _PreallocatedLayer(DynamicLayer):
+        def __init__(self, key_buffer, value_buffer, length: int):
+            super().__init__()
+            self._k, self._v, self._n = key_buffer, value_buffer, length
+            self.dtype, self.device = key_buffer.dtype, key_buffer.device
+            self.is_initialized = True
+            self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            end = self._n + key_states.shape[-2]
+            if end > self._k.shape[2]:  # out of room: double (amortised), like a vector
+                pad = (0, 0, 0, max(end, 2 * self._k.shape[2]) - self._k.shape[2])
+                self._k, self._v = F.pad(self._k, pad), F.pad(self._v, pad)
+            self._k[:, :, self._n:end] = key_states
+            self._v[:, :, self._n:end] = value_states
+            self._n = end
+            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+            return self.keys, self.values
+
+    return _PreallocatedLayer
+
+
+class _LazyClass:
+    """Builds the class on first use: transformers is imported only when a cache is built."""
+
+    def __init__(self, factory):
+        self._factory, self._cls = factory, None
+
+    def __call__(self, *args, **kwargs):
+        if self._cls is None:
+            self._cls = self._factory()
+        return self._cls(*args, **kwargs)
+
+
+PreallocatedLayer = _LazyClass(_preallocated_layer_class)

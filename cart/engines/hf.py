@@ -1,0 +1,162 @@
+"""The transformers engine: batched generation with left padding and a KV cache, written as a
+plain decode loop so the teacher's top-k log-probs come from the raw logits (before temperature)
+at no extra forward pass."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cart.engines.base import Engine, Generation, GenerationRequest, TopK
+
+
+class TransformersEngine(Engine):
+    def __init__(self, model: Any, tokenizer: Any, identity: Any,
+                 prefix_cache_bytes: int = 4 << 30):
+        self.model = model
+        # KV of shared prompt prefixes (a chunk's system prompt, used by A and then by B),
+        # least recently used first; bounded in bytes.
+        self._prefixes: dict[tuple[int, ...], list[tuple[Any, Any]]] = {}
+        self._prefix_cache_bytes = prefix_cache_bytes
+        self.tokenizer = tokenizer
+        self.identity = identity
+        self.model_id = identity.model_id
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        self.eos_token_ids = eos_ids
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+
+    @classmethod
+    def load(cls, model: str | None, dtype: str = "float32", device: str = "cpu", console=None):
+        from cart.models import ModelIdentity, load_model, load_tokenizer, resolve_model
+
+        ref = resolve_model(model, console)
+        tokenizer = load_tokenizer(ref)
+        hf_model = load_model(ref, dtype=dtype, device=device)
+        from cart.attention import register
+
+        hf_model.set_attn_implementation(register())
+        return cls(hf_model, tokenizer, ModelIdentity.of(ref, hf_model.config, tokenizer))
+
+    def generate(self, requests: list[GenerationRequest], seed: int) -> list[Generation]:
+        import torch
+
+        if not requests:
+            return []
+        temps = {r.temperature for r in requests}
+        ks = {r.top_k_logprobs for r in requests}
+        if len(temps) != 1 or len(ks) != 1:
+            raise ValueError("one batch must share temperature and top_k_logprobs")
+        temperature, k = temps.pop(), ks.pop()
+        device = self.model.device
+        b = len(requests)
+        limits = [r.max_new_tokens for r in requests]
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        outputs = [Generation([], False) for _ in requests]
+        active = torch.ones(b, dtype=torch.bool, device=device)
+        with torch.inference_mode():
+            cache, mask, logits = self._prefill(requests)
+            positions = mask.sum(-1, keepdim=True) - 1
+            for step in range(max(limits)):
+                logprobs = torch.log_softmax(logits, dim=-1)
+                if temperature > 0:
+                    probs = torch.softmax(logits / temperature, dim=-1).cpu()
+                    next_ids = torch.multinomial(probs, 1, generator=generator).view(-1).to(device)
+                else:
+                    next_ids = logits.argmax(dim=-1)
+                if k:
+                    top_lp, top_ids = logprobs.topk(k, dim=-1)
+                    top_lp, top_ids = top_lp.cpu().tolist(), top_ids.cpu().tolist()
+                next_list = next_ids.cpu().tolist()
+                for i in range(b):
+                    if not active[i]:
+                        continue
+                    out = outputs[i]
+                    out.token_ids.append(next_list[i])
+                    if k:
+                        out.topk.append(TopK(top_ids[i], top_lp[i]))
+                    if next_list[i] in self.eos_token_ids:
+                        out.finished = True
+                        active[i] = False
+                    elif len(out.token_ids) >= limits[i]:
+                        active[i] = False
+                if not bool(active.any()):
+                    break
+                mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
+                positions = positions + 1
+                logits = self.model(input_ids=next_ids.view(b, 1), attention_mask=mask,
+                                    position_ids=positions, past_key_values=cache,
+                                    use_cache=True).logits[:, -1].float()
+        return outputs
+
+    def _prefill(self, requests: list[GenerationRequest]):
+        """Prefill each prompt alone -- no padding, so no mask and SDPA's fused causal kernel,
+        starting from the stored KV of its shared prefix when there is one -- then lay the caches
+        out left-padded for batched decoding. Returns (cache, mask, last-position logits)."""
+        import torch
+        from transformers import DynamicCache
+
+        from cart.kvcache import preallocated_cache
+
+        device = self.model.device
+        prompts = [r.prompt_ids for r in requests]
+        width = max(len(p) for p in prompts)
+        rows, last = [], []
+        for r in requests:
+            row = DynamicCache(config=self.model.config)
+            start = 0
+            if 0 < r.prefix_len < len(r.prompt_ids):
+                for layer, (k, v) in enumerate(self._prefix_kv(r.prompt_ids[:r.prefix_len])):
+                    row.update(k.clone(), v.clone(), layer)
+                start = r.prefix_len
+            out = self.model(input_ids=torch.tensor([r.prompt_ids[start:]], device=device),
+                             past_key_values=row, use_cache=True, logits_to_keep=1)
+            last.append(out.logits[0, -1].float())
+            rows.append(row)
+        # room for every token the batch may generate: decoding never reallocates
+        capacity = width + max(r.max_new_tokens for r in requests)
+        key_buffers, value_buffers = [], []
+        for layer in range(len(rows[0].layers)):
+            k0 = rows[0].layers[layer].keys
+            keys = k0.new_zeros((len(prompts), k0.shape[1], capacity, k0.shape[3]))
+            values = torch.zeros_like(keys)
+            for i, row in enumerate(rows):
+                n = len(prompts[i])
+                keys[i, :, width - n:width] = row.layers[layer].keys[0]
+                values[i, :, width - n:width] = row.layers[layer].values[0]
+                row.layers[layer].keys = row.layers[layer].values = None  # free as we go
+            key_buffers.append(keys)
+            value_buffers.append(values)
+        cache = preallocated_cache(self.model, key_buffers, value_buffers, width)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+        for i, prompt in enumerate(prompts):
+            mask[i, width - len(prompt):] = 1
+        return cache, mask, torch.stack(last)
+
+    def _prefix_kv(self, prefix: list[int]) -> list[tuple[Any, Any]]:
+        import torch
+        from transformers import DynamicCache
+
+        key = tuple(prefix)
+        kv = self._prefixes.pop(key, None)
+        if kv is None:
+            cache = DynamicCache(config=self.model.config)
+            self.model(input_ids=torch.tensor([prefix], device=self.model.device),
+                       past_key_values=cache, use_cache=True, logits_to_keep=1)
+            kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self._prefixes[key] = kv  # most recently used last
+        per_entry = lambda e: sum(k.numel() * k.element_size() * 2 for k, _ in e)  # noqa: E731
+        while len(self._prefixes) > 1 and sum(map(per_entry, self._prefixes.values())) > self._prefix_cache_bytes:
+            self._prefixes.pop(next(iter(self._prefixes)))
+        return kv
+
+    def forward_logprobs(self, input_ids: list[int]):
+        """Log-probs of the next token at every position of one unpadded sequence
+        (``[T, vocab]``): the reference the stored teacher targets are checked against."""
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([input_ids], device=self.model.device)).logits[0]
+        return torch.log_softmax(logits.float(), dim=-1)

@@ -1,0 +1,112 @@
+"""Seed prompts for self-study (paper, section 4.1 and appendix C.1): the prompt that makes
+participant A write the first user message about a chunk of the corpus.
+
+Each type is a ``SeedPrompt`` subclass in its own file. A new type is added by writing a
+subclass in its own file (a ``name`` and a ``sample(rng)`` method) and registering it in
+``SEED_TYPES`` below; ``--seed-prompts`` then accepts its name.
+
+``get_seed_prompts(spec)`` turns a ``--seed-prompts`` value into a ``SeedMix``:
+
+* ``mixed`` (default): the five types of the paper, one drawn uniformly per conversation;
+* ``generic``: the single broad prompt of the paper's ablation;
+* a comma-separated list of type names, e.g. ``question,summarization``;
+* a file of the user's own prompts (``.txt``: one per line; ``.jsonl``: ``{"prompt": ...}``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+from cart.io import CartError
+from cart.seeds.base import SeedPrompt
+from cart.seeds.creative import CreativeSeed
+from cart.seeds.custom import CustomSeeds
+from cart.seeds.generic import GenericSeed
+from cart.seeds.question import QuestionSeed
+from cart.seeds.structuring import StructuringSeed
+from cart.seeds.summarization import SummarizationSeed
+from cart.seeds.use_case import UseCaseSeed
+
+# The paper's five types, in its order; ``mixed`` draws uniformly among them.
+SEED_TYPES: dict[str, type[SeedPrompt]] = {
+    "structuring": StructuringSeed,
+    "summarization": SummarizationSeed,
+    "question": QuestionSeed,
+    "use_case": UseCaseSeed,
+    "creative": CreativeSeed,
+}
+
+MIXED = "mixed"
+DEFAULT_SPEC = MIXED
+CUSTOM_SUFFIXES = (".txt", ".jsonl")
+KNOWN = (f"{MIXED}, {GenericSeed.name}, " + ", ".join(SEED_TYPES) + ", or a file")
+
+__all__ = [
+    "SEED_TYPES", "SeedMix", "SeedPrompt", "get_seed_prompts", "DEFAULT_SPEC",
+    "StructuringSeed", "SummarizationSeed", "QuestionSeed", "UseCaseSeed", "CreativeSeed",
+    "GenericSeed", "CustomSeeds",
+]
+
+
+class SeedMix:
+    """The seed prompts of one run: a type is drawn uniformly, then a prompt of that type."""
+
+    def __init__(self, seeds: list[SeedPrompt], label: str | None = None) -> None:
+        if not seeds:
+            raise ValueError("SeedMix needs at least one seed-prompt type")
+        self.seeds = list(seeds)
+        self.label = label
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.seeds]
+
+    def sample(self, rng: random.Random) -> tuple[str, str]:
+        """Return ``(type_name, prompt_text)``; the same ``rng`` state gives the same pair."""
+        seed = rng.choice(self.seeds)
+        return seed.name, seed.sample(rng)
+
+    def describe(self) -> str:
+        """One line for logs and metadata, e.g. ``mixed: structuring, summarization, ...``."""
+        if len(self.seeds) == 1 and isinstance(self.seeds[0], CustomSeeds):
+            custom = self.seeds[0]
+            n = len(custom.prompts)
+            return f"custom: {custom.source} ({n} prompt{'s' if n != 1 else ''})"
+        if len(self.seeds) == 1:
+            return self.seeds[0].name
+        return f"{self.label or MIXED}: " + ", ".join(self.names)
+
+    def __repr__(self) -> str:
+        return f"SeedMix({self.describe()!r})"
+
+
+def _is_file_spec(spec: str) -> bool:
+    return ("/" in spec or os.sep in spec or spec.lower().endswith(CUSTOM_SUFFIXES))
+
+
+def get_seed_prompts(spec: str = DEFAULT_SPEC) -> SeedMix:
+    """The ``SeedMix`` for a ``--seed-prompts`` value (see the module docstring)."""
+    spec = spec.strip()
+    if _is_file_spec(spec):
+        return SeedMix([CustomSeeds.from_file(spec)])
+    if spec == MIXED:
+        return SeedMix([cls() for cls in SEED_TYPES.values()], label=MIXED)
+    if spec == GenericSeed.name:
+        return SeedMix([GenericSeed()])
+    if spec in SEED_TYPES:
+        return SeedMix([SEED_TYPES[spec]()])
+    if "," not in spec and os.path.isfile(spec):
+        return SeedMix([CustomSeeds.from_file(spec)])
+    names: list[str] = []
+    for part in spec.split(","):
+        name = part.strip()
+        if name == MIXED:
+            expanded = list(SEED_TYPES)
+        elif name == GenericSeed.name or name in SEED_TYPES:
+            expanded = [name]
+        else:
+            raise CartError(f"--seed-prompts: unknown seed-prompt type {name!r} (known: {KNOWN})")
+        names += [n for n in expanded if n not in names]
+    builtins = {GenericSeed.name: GenericSeed, **SEED_TYPES}
+    return SeedMix([builtins[n]() for n in names], label=MIXED)

@@ -1,0 +1,432 @@
+"""``cart synth``: self-study data (paper section 4.1, Algorithm 1, appendix C).
+
+Two participants of the same model talk about a chunk of the corpus. A has the chunk in its
+system prompt plus a seed prompt, and writes the user message; B has the chunk in its system
+prompt and answers. For every token B writes, the top-k log-probs of B's next-token
+distribution -- the model *with the chunk in context*, the teacher -- are stored with the exact
+token ids of the student's sequence (the same conversation under the chat template *without* the
+chunk), so ``cart distill`` needs neither the corpus nor a tokenizer pass.
+
+Determinism: conversation ``i`` draws its chunk and seed prompt from ``Random(f"{seed}:{i}")``,
+and conversations are generated in fixed batches of ``--batch-size`` whose sampling seed derives
+from ``(seed, batch)``. Shards take contiguous runs of batches and resume restarts at the first
+incomplete batch, so sharded, resumed and uninterrupted runs write the same records.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cart.chat import render_ids
+from cart.config import check_type
+from cart.io import CartError, Console, dumps, read_jsonl, schema_id, sha256_hex
+
+SYSTEM_TEMPLATE = ("You are in a conversation about the following document.\n\n"
+                   "<document>\n{chunk}\n</document>")
+
+
+@dataclass
+class SynthConfig:
+    num_convos: int = 64
+    turns: int = 1
+    seed: int = 0
+    seed_prompts: str = "mixed"
+    temperature_a: float = 0.6  # reference implementation's defaults
+    max_tokens_a: int = 512
+    temperature_b: float = 0.0
+    max_tokens_b: int = 1024
+    top_k: int = 20
+    logprob_mass: float = 0.99
+    batch_size: int = 16
+    # chunking of raw corpus inputs (as `cart chunk`; random mode cuts one window per convo)
+    mode: str = "random"
+    min_tokens: int = 512
+    max_tokens: int = 4096
+    overlap: int = 0
+    description: str | None = None
+    engine: str = "transformers"
+    dtype: str = "float32"
+    device: str = "auto"
+
+    def __post_init__(self):
+        for name in ("num_convos", "turns", "seed", "max_tokens_a", "max_tokens_b", "top_k",
+                     "batch_size"):
+            check_type(name, getattr(self, name), int)
+        for name in ("temperature_a", "temperature_b", "logprob_mass"):
+            check_type(name, getattr(self, name), (int, float))
+        for name, low in (("num_convos", 1), ("turns", 1), ("max_tokens_a", 1),
+                          ("max_tokens_b", 1), ("top_k", 1), ("batch_size", 1)):
+            if getattr(self, name) < low:
+                flag = "-n/--num-convos" if name == "num_convos" else "--" + name.replace("_", "-")
+                raise CartError(f"{flag} must be at least {low}, got {getattr(self, name)}")
+        for name in ("temperature_a", "temperature_b"):
+            if getattr(self, name) < 0:
+                raise CartError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.logprob_mass <= 1:
+            raise CartError(f"--logprob-mass must be in (0, 1], got {self.logprob_mass}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise CartError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        self.chunk_config()  # validates the chunking settings
+
+    def chunk_config(self):
+        from cart.chunk import ChunkConfig
+
+        return ChunkConfig(mode=self.mode, num_chunks=self.num_convos if self.mode == "random" else None,
+                           min_tokens=self.min_tokens, max_tokens=self.max_tokens,
+                           overlap=self.overlap, seed=self.seed, description=self.description)
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise CartError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise CartError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+# -- inputs ------------------------------------------------------------------------------------
+def load_chunks(inputs: Sequence[str], cfg: SynthConfig, model: str | None, console: Console
+                ) -> list[dict[str, Any]]:
+    """Chunk records from chunk JSONL inputs, or cut from raw corpus inputs."""
+    from cart.chunk import chunk_corpus
+
+    if not inputs:
+        raise CartError("no input: give corpus files/directories or chunk JSONL, or - for stdin")
+    stdin_bytes = sys.stdin.buffer.read() if "-" in inputs else None
+    jsonl = [i for i in inputs if _is_chunk_jsonl(i, stdin_bytes)]
+    if jsonl and len(jsonl) != len(inputs):
+        raise CartError("give either chunk JSONL files or corpus files, not both")
+    if not jsonl:
+        return chunk_corpus(inputs, cfg.chunk_config(), model, console, stdin_bytes=stdin_bytes)
+    chunks = []
+    for source in jsonl:
+        for line in _chunk_lines(source, stdin_bytes):
+            r = line.record
+            for field, types in (("id", str), ("text", str)):
+                if not isinstance(r.get(field), types):
+                    raise CartError(f"{line.where}: missing or invalid field '{field}'")
+            if not r["text"].strip():
+                raise CartError(f"{line.where}: empty chunk text")
+            chunks.append(r)
+    if not chunks:
+        raise CartError(f"{', '.join(jsonl)}: no chunks")
+    return chunks
+
+
+def _is_chunk_jsonl(item: str, stdin_bytes: bytes | None) -> bool:
+    if item == "-":
+        head = (stdin_bytes or b"").lstrip()[:64]
+        return head.startswith(b"{") and b'"schema"' in (stdin_bytes or b"")[:4096]
+    return item.endswith(".jsonl")
+
+
+def _chunk_lines(source: str, stdin_bytes: bytes | None):
+    if source != "-":
+        yield from read_jsonl(source, kind="chunk")
+        return
+    import orjson
+
+    from cart.io import Line, check_schema
+
+    for lineno, raw in enumerate(stdin_bytes.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise CartError(f"<stdin>:{lineno}: invalid JSON ({e.args[0]})") from None
+        check_schema(record, "chunk", f"<stdin>:{lineno}")
+        yield Line("<stdin>", lineno, record)
+
+
+# -- the plan: which chunk and seed prompt each conversation gets -------------------------------
+@dataclass
+class Planned:
+    index: int
+    chunk: dict[str, Any]
+    seed_type: str
+    seed_text: str
+
+
+def plan(chunks: list[dict[str, Any]], cfg: SynthConfig, seeds) -> list[Planned]:
+    """Conversation i -> (chunk, seed prompt). Chunks are used evenly: each epoch over the
+    chunks is a fresh shuffle, so every chunk is visited before any repeats."""
+    order: list[int] = []
+    epoch = 0
+    while len(order) < cfg.num_convos:
+        perm = list(range(len(chunks)))
+        random.Random(f"{cfg.seed}:epoch:{epoch}").shuffle(perm)
+        order.extend(perm)
+        epoch += 1
+    out = []
+    for i in range(cfg.num_convos):
+        seed_type, seed_text = seeds.sample(random.Random(f"{cfg.seed}:{i}"))
+        out.append(Planned(i, chunks[order[i]], seed_type, seed_text))
+    return out
+
+
+def system_prompt(chunk: dict[str, Any]) -> str:
+    text = SYSTEM_TEMPLATE.format(chunk=chunk["text"])
+    desc = chunk.get("description")
+    return f"{desc}\n\n{text}" if desc else text
+
+
+# -- the algorithm -----------------------------------------------------------------------------
+def keep_mass(ids: list[int], logprobs: list[float], mass: float) -> tuple[list[int], list[float]]:
+    """The top candidates up to cumulative probability ``mass`` (at least one)."""
+    total = 0.0
+    for n, lp in enumerate(logprobs, start=1):
+        total += math.exp(lp)
+        if total >= mass:
+            return ids[:n], logprobs[:n]
+    return ids, logprobs
+
+
+def synthesize_batch(engine, batch: list[Planned], cfg: SynthConfig, batch_index: int,
+                     run: str, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Algorithm 1 for one batch of conversations -> cart.convo/1 records."""
+    from cart.engines.base import GenerationRequest
+
+    tok = engine.tokenizer
+    prefix = [shared_prefix_len(tok, system_prompt(p.chunk)) for p in batch]
+    a_msgs = [[{"role": "system", "content": system_prompt(p.chunk)},
+               {"role": "user", "content": p.seed_text}] for p in batch]
+    b_msgs = [[{"role": "system", "content": system_prompt(p.chunk)}] for p in batch]
+    convo: list[list[dict[str, Any]]] = [[] for _ in batch]  # user text / assistant ids
+    targets = [[] for _ in batch]  # per conversation: per B turn, list of TopK
+    stats = [{"a_tokens": [], "b_tokens": [], "b_finished": []} for _ in batch]
+    for turn in range(cfg.turns):
+        a_out = engine.generate(
+            [GenerationRequest(render_ids(tok, m, True)[0], cfg.max_tokens_a, cfg.temperature_a,
+                               prefix_len=n) for m, n in zip(a_msgs, prefix)], seed=_derive(cfg.seed, batch_index, turn, "a"))
+        a_texts = [tok.decode(g.token_ids, skip_special_tokens=True).strip() for g in a_out]
+        for i, text in enumerate(a_texts):
+            b_msgs[i].append({"role": "user", "content": text})
+            convo[i].append({"role": "user", "content": text})
+            a_msgs[i].append({"role": "assistant", "content": _strip_eos(a_out[i].token_ids, engine)})
+            stats[i]["a_tokens"].append(len(a_out[i].token_ids))
+        b_out = engine.generate(
+            [GenerationRequest(render_ids(tok, m, True)[0], cfg.max_tokens_b, cfg.temperature_b,
+                               top_k_logprobs=cfg.top_k, prefix_len=n)
+             for m, n in zip(b_msgs, prefix)],
+            seed=_derive(cfg.seed, batch_index, turn, "b"))
+        for i, g in enumerate(b_out):
+            answer = _strip_eos(g.token_ids, engine)
+            b_msgs[i].append({"role": "assistant", "content": answer})
+            convo[i].append({"role": "assistant", "content": answer})
+            a_msgs[i].append({"role": "user", "content": tok.decode(answer, skip_special_tokens=True).strip()})
+            # targets cover the answer and the EOS that closed it (the template writes the same
+            # end-of-turn token after the spliced answer)
+            targets[i].append(g.topk[: len(answer) + (1 if g.finished else 0)])
+            stats[i]["b_tokens"].append(len(g.token_ids))
+            stats[i]["b_finished"].append(g.finished)
+    records = []
+    for i, p in enumerate(batch):
+        ids, spans = render_ids(tok, convo[i], add_generation_prompt=False)
+        positions, cand_ids, cand_lps = [], [], []
+        for (start, end), turn_targets in zip(spans, targets[i]):
+            for offset, topk in enumerate(turn_targets):
+                pos = start + offset
+                if pos >= len(ids):
+                    break
+                kept_ids, kept_lps = keep_mass(topk.ids, topk.logprobs, cfg.logprob_mass)
+                positions.append(pos)
+                cand_ids.append(kept_ids)
+                cand_lps.append([round(x, 6) for x in kept_lps])
+        messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+                     else tok.decode(m["content"], skip_special_tokens=True)} for m in convo[i]]
+        records.append({
+            "schema": schema_id("convo"),
+            "id": f"convo-{run}-{p.index:06d}",
+            "index": p.index,
+            "run": run,
+            "chunk": {"id": p.chunk["id"], "n_tokens": p.chunk.get("n_tokens"),
+                      "paths": [s["path"] for s in p.chunk.get("sources", [])]},
+            "seed_prompt": {"type": p.seed_type, "text": p.seed_text},
+            "messages": messages,
+            "token_ids": ids,
+            "targets": {"positions": positions, "ids": cand_ids, "logprobs": cand_lps},
+            "stats": stats[i],
+            **meta,
+        })
+    return records
+
+
+def shared_prefix_len(tokenizer, system: str) -> int:
+    """How many leading tokens every prompt with this system message shares (the template's
+    rendering of the system turn): the longest common prefix of two different continuations."""
+    a = render_ids(tokenizer, [{"role": "system", "content": system},
+                               {"role": "user", "content": "a"}], True)[0]
+    b = render_ids(tokenizer, [{"role": "system", "content": system},
+                               {"role": "user", "content": "b"}], True)[0]
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _strip_eos(ids: list[int], engine) -> list[int]:
+    return ids[:-1] if ids and ids[-1] in engine.eos_token_ids else list(ids)
+
+
+def _derive(*parts: Any) -> int:
+    return int(sha256_hex(":".join(map(str, parts)))[:15], 16)
+
+
+def check_context(engine, planned: list[Planned], cfg: SynthConfig) -> None:
+    """Refuse chunks whose prompts plus generation budgets exceed the model's context."""
+    budget = engine.max_context
+    seen = set()
+    for p in planned:
+        if p.chunk["id"] in seen:
+            continue
+        seen.add(p.chunk["id"])
+        n = len(render_ids(engine.tokenizer, [{"role": "system", "content": system_prompt(p.chunk)},
+                                              {"role": "user", "content": p.seed_text}], True)[0])
+        need = n + cfg.turns * (cfg.max_tokens_a + cfg.max_tokens_b)
+        if need > budget:
+            raise CartError(
+                f"chunk {p.chunk['id']}: {n} prompt tokens + {cfg.turns} turn(s) x "
+                f"(--max-tokens-a {cfg.max_tokens_a} + --max-tokens-b {cfg.max_tokens_b}) = {need} "
+                f"exceeds the model's context of {budget} tokens (use smaller chunks or budgets)")
+
+
+# -- running, with shards and resume -------------------------------------------------------------
+def batches_of(planned: list[Planned], batch_size: int, shard: tuple[int, int]) -> list[list[Planned]]:
+    batches = [planned[i:i + batch_size] for i in range(0, len(planned), batch_size)]
+    i, n = shard
+    per = len(batches) / n
+    return batches[round(i * per):round((i + 1) * per)]
+
+
+def run_fingerprint(cfg: SynthConfig, chunks: list[dict[str, Any]], identity) -> str:
+    d = asdict(cfg)
+    for runtime in ("engine", "device"):  # the fingerprint names the data, not the runtime
+        d.pop(runtime)
+    return sha256_hex(dumps([d, [c["id"] for c in chunks], identity.config_hash,
+                             identity.tokenizer_hash]).decode())[:12]
+
+
+def read_done(partial: Path, run: str, batches: list[list[Planned]]) -> tuple[int, int]:
+    """How many whole batches a partial file holds (and their byte length); refuses a file from
+    another run. Lines past the last whole batch (a kill mid-write) are dropped on resume."""
+    import orjson
+
+    data = partial.read_bytes()
+    offset, n_batches, pos_in_batch = 0, 0, 0
+    good_end = 0
+    for raw in data.splitlines(keepends=True):
+        if not raw.endswith(b"\n"):
+            break
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            break
+        if record.get("run") != run:
+            raise CartError(f"{partial}: holds conversations of another run (different settings, "
+                            "chunks or model); delete it to start over")
+        if n_batches >= len(batches) or record.get("index") != batches[n_batches][pos_in_batch].index:
+            break
+        offset += len(raw)
+        pos_in_batch += 1
+        if pos_in_batch == len(batches[n_batches]):
+            n_batches, pos_in_batch, good_end = n_batches + 1, 0, offset
+    return n_batches, good_end
+
+
+def _complete(path: Path, run: str, batches: list[list[Planned]]) -> bool:
+    """Whether ``path`` already holds exactly this run's (and this shard's) conversations."""
+    try:
+        got = [(line.record.get("run"), line.record.get("index"))
+               for line in read_jsonl(path, kind="convo")]
+    except CartError:
+        return False
+    return got == [(run, p.index) for batch in batches for p in batch]
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def synthesize(inputs: Sequence[str], cfg: SynthConfig, model: str | None, output: str | None,
+               shard: tuple[int, int], console: Console) -> int:
+    """The whole ``cart synth`` job. Returns the number of conversations written."""
+    from cart.engines import get_engine
+    from cart.seeds import get_seed_prompts
+
+    seeds = get_seed_prompts(cfg.seed_prompts)
+    chunks = load_chunks(inputs, cfg, model, console)
+    engine = get_engine(cfg.engine, model, dtype=cfg.dtype, device=resolve_device(cfg.device),
+                        console=console)
+    tok_hashes = {c.get("tokenizer", {}).get("hash") for c in chunks} - {None}
+    if tok_hashes and tok_hashes != {engine.identity.tokenizer_hash}:
+        console.warn("the chunks were cut with another tokenizer than the model's; their token "
+                     "counts are approximate for this model")
+    planned = plan(chunks, cfg, seeds)
+    check_context(engine, planned, cfg)
+    run = run_fingerprint(cfg, chunks, engine.identity)
+    ident = engine.identity
+    meta = {
+        "model": {"id": ident.model_id, "config_hash": ident.config_hash,
+                  "tokenizer_hash": ident.tokenizer_hash},
+        "corpus": chunks[0].get("corpus"),
+        "config": {**asdict(cfg), "seed_prompts_resolved": seeds.describe()},
+    }
+    batches = batches_of(planned, cfg.batch_size, shard)
+    out_path = None if output in (None, "-") else Path(output)
+    if out_path is not None:
+        if not out_path.parent.exists():
+            raise CartError(f"{out_path}: directory {out_path.parent} does not exist")
+        partial = out_path.with_name(out_path.name + ".partial")
+        if out_path.exists() and not partial.exists() and _complete(out_path, run, batches):
+            console.info(f"{out_path} is already complete")
+            return 0
+        done, end = read_done(partial, run, batches) if partial.exists() else (0, 0)
+        if done:
+            console.info(f"resuming {partial}: {done} of {len(batches)} batches already done")
+        sink = open(partial, "r+b" if partial.exists() else "wb")
+        sink.truncate(end)
+        sink.seek(end)
+    else:
+        done, sink = 0, sys.stdout.buffer
+    total = sum(len(b) for b in batches)
+    written = sum(len(b) for b in batches[:done])
+    started, tokens = time.perf_counter(), 0
+    try:
+        with console.progress() as progress:
+            task = progress.add_task("synth", total=total, completed=written, status="")
+            for b_index, batch in enumerate(batches[done:], start=done):
+                records = synthesize_batch(engine, batch, cfg, batch[0].index // cfg.batch_size,
+                                           run, meta)
+                sink.write(b"".join(dumps(r) for r in records))
+                sink.flush()
+                if out_path is not None:
+                    os.fsync(sink.fileno())
+                written += len(records)
+                tokens += sum(sum(r["stats"]["a_tokens"]) + sum(r["stats"]["b_tokens"]) for r in records)
+                rate = tokens / (time.perf_counter() - started)
+                progress.update(task, completed=written, status=f"{rate:.0f} gen tok/s")
+    finally:
+        if out_path is not None:
+            sink.close()
+    if out_path is not None:
+        os.replace(partial, out_path)
+    elapsed = time.perf_counter() - started
+    console.info(f"{written} conversations ({tokens} generated tokens) in {elapsed:.0f} s")
+    return written
