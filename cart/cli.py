@@ -135,6 +135,10 @@ def synth_command(
     logprob_mass: Annotated[Optional[float], _opt(
         "--logprob-mass", "Of the top-k, keep candidates until this cumulative probability. "
                           "[default: 0.99]")] = None,
+    stop_loops: Annotated[Optional[bool], typer.Option(
+        "--stop-loops/--no-stop-loops", help="Cut a message once its last block of tokens has "
+        "repeated 3 times, dropping the repeats (small models loop until the token cap). "
+        "[default: --stop-loops]", show_default=False)] = None,
     batch_size: Annotated[Optional[int], _opt("--batch-size", "Conversations generated together. "
                                                               "[default: 16]")] = None,
     mode: Annotated[Optional[str], _opt("--mode", "Chunking of corpus inputs: random (one window "
@@ -172,7 +176,7 @@ def synth_command(
     cfg = resolve(SynthConfig, config, "synth", num_convos=num_convos, turns=turns, seed=seed,
                   seed_prompts=seed_prompts, temperature_a=temperature_a,
                   max_tokens_a=max_tokens_a, temperature_b=temperature_b,
-                  max_tokens_b=max_tokens_b, top_k=top_k, logprob_mass=logprob_mass,
+                  max_tokens_b=max_tokens_b, top_k=top_k, logprob_mass=logprob_mass, stop_loops=stop_loops,
                   batch_size=batch_size, mode=mode, min_tokens=min_tokens,
                   max_tokens=max_tokens, overlap=overlap, description=description,
                   engine=engine, dtype=dtype, device=device)

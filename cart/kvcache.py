@@ -95,6 +95,11 @@ def _preallocated_layer_class():
             self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
             return self.keys, self.values
 
+        def keep_rows(self, rows):
+            """Drop the batch rows not in ``rows`` (finished generations)."""
+            self._k, self._v = self._k.index_select(0, rows), self._v.index_select(0, rows)
+            self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
+
     return _PreallocatedLayer
 
 

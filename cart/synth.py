@@ -7,9 +7,10 @@ distribution -- the model *with the chunk in context*, the teacher -- are stored
 token ids of the student's sequence (the same conversation under the chat template *without* the
 chunk), so ``cart distill`` needs neither the corpus nor a tokenizer pass.
 
-Determinism: conversation ``i`` draws its chunk and seed prompt from ``Random(f"{seed}:{i}")``,
-and conversations are generated in fixed batches of ``--batch-size`` whose sampling seed derives
-from ``(seed, batch)``. Shards take contiguous runs of batches and resume restarts at the first
+Determinism: conversation ``i`` draws its chunk and seed prompt from ``Random(f"{seed}:{i}")``
+and samples its messages from generators seeded by ``(seed, i, turn, participant)``, so its
+draws do not depend on the rest of its batch. Conversations are generated in fixed batches of
+``--batch-size``; shards take contiguous runs of batches and resume restarts at the first
 incomplete batch, so sharded, resumed and uninterrupted runs write the same records.
 """
 
@@ -45,6 +46,7 @@ class SynthConfig:
     max_tokens_b: int = 1024
     top_k: int = 20
     logprob_mass: float = 0.99
+    stop_loops: bool = True  # cut a message that repeats itself (dropping the repeats)
     batch_size: int = 16
     # chunking of raw corpus inputs (as `cart chunk`; random mode cuts one window per convo)
     mode: str = "random"
@@ -62,6 +64,7 @@ class SynthConfig:
             check_type(name, getattr(self, name), int)
         for name in ("temperature_a", "temperature_b", "logprob_mass"):
             check_type(name, getattr(self, name), (int, float))
+        check_type("stop_loops", self.stop_loops, bool)
         for name, low in (("num_convos", 1), ("turns", 1), ("max_tokens_a", 1),
                           ("max_tokens_b", 1), ("top_k", 1), ("batch_size", 1)):
             if getattr(self, name) < low:
@@ -206,11 +209,13 @@ def synthesize_batch(engine, batch: list[Planned], cfg: SynthConfig, batch_index
     b_msgs = [[{"role": "system", "content": system_prompt(p.chunk)}] for p in batch]
     convo: list[list[dict[str, Any]]] = [[] for _ in batch]  # user text / assistant ids
     targets = [[] for _ in batch]  # per conversation: per B turn, list of TopK
-    stats = [{"a_tokens": [], "b_tokens": [], "b_finished": []} for _ in batch]
+    stats = [{"a_tokens": [], "b_tokens": [], "b_finished": [], "looped": []} for _ in batch]
     for turn in range(cfg.turns):
         a_out = engine.generate(
             [GenerationRequest(render_ids(tok, m, True)[0], cfg.max_tokens_a, cfg.temperature_a,
-                               prefix_len=n) for m, n in zip(a_msgs, prefix)], seed=_derive(cfg.seed, batch_index, turn, "a"))
+                               prefix_len=n, stop_loops=cfg.stop_loops,
+                               seed=_derive(cfg.seed, p.index, turn, "a"))
+             for m, n, p in zip(a_msgs, prefix, batch)], seed=_derive(cfg.seed, batch_index, turn, "a"))
         a_texts = [tok.decode(g.token_ids, skip_special_tokens=True).strip() for g in a_out]
         for i, text in enumerate(a_texts):
             b_msgs[i].append({"role": "user", "content": text})
@@ -219,8 +224,9 @@ def synthesize_batch(engine, batch: list[Planned], cfg: SynthConfig, batch_index
             stats[i]["a_tokens"].append(len(a_out[i].token_ids))
         b_out = engine.generate(
             [GenerationRequest(render_ids(tok, m, True)[0], cfg.max_tokens_b, cfg.temperature_b,
-                               top_k_logprobs=cfg.top_k, prefix_len=n)
-             for m, n in zip(b_msgs, prefix)],
+                               top_k_logprobs=cfg.top_k, prefix_len=n, stop_loops=cfg.stop_loops,
+                               seed=_derive(cfg.seed, p.index, turn, "b"))
+             for m, n, p in zip(b_msgs, prefix, batch)],
             seed=_derive(cfg.seed, batch_index, turn, "b"))
         for i, g in enumerate(b_out):
             answer = _strip_eos(g.token_ids, engine)
@@ -232,6 +238,7 @@ def synthesize_batch(engine, batch: list[Planned], cfg: SynthConfig, batch_index
             targets[i].append(g.topk[: len(answer) + (1 if g.finished else 0)])
             stats[i]["b_tokens"].append(len(g.token_ids))
             stats[i]["b_finished"].append(g.finished)
+            stats[i]["looped"].append([a_out[i].looped, g.looped])
     records = []
     for i, p in enumerate(batch):
         ids, spans = render_ids(tok, convo[i], add_generation_prompt=False)

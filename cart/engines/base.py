@@ -18,7 +18,8 @@ class TopK:
 @dataclass
 class Generation:
     token_ids: list[int]  # generated ids, including the EOS that ended it (if any)
-    finished: bool  # stopped at EOS (False: hit max_new_tokens)
+    finished: bool  # stopped at EOS (False: hit max_new_tokens, or cut in a loop)
+    looped: bool = False  # cut because it repeated itself
     topk: list[TopK] = field(default_factory=list)  # one per generated token, if requested
 
 
@@ -31,6 +32,33 @@ class GenerationRequest:
     # The first prefix_len prompt tokens are a prefix other requests share (a chunk's system
     # prompt): engines may compute its KV once and reuse it.
     prefix_len: int = 0
+    # Stop a generation that has fallen into a loop (its last block of tokens repeated
+    # LOOP_REPEATS times); the repeats are dropped. Small models loop until the token cap.
+    stop_loops: bool = False
+    # Sampling seed of this request alone (its draws do not depend on the rest of the batch);
+    # None: derived from the batch seed and the request's position.
+    seed: int | None = None
+
+
+LOOP_REPEATS = 3
+LOOP_MIN_TOKENS = 12  # a loop must span at least this many tokens (so "a a a" is not one)
+LOOP_MAX_PERIOD = 48
+
+
+def loop_start(tokens: list[int]) -> int | None:
+    """If ``tokens`` ends in a block repeated LOOP_REPEATS times, the index where the repeats
+    after the first copy begin (the generation is cut there); else None."""
+    n = len(tokens)
+    for period in range(1, LOOP_MAX_PERIOD + 1):
+        span = period * LOOP_REPEATS
+        if span > n:
+            break
+        if span < LOOP_MIN_TOKENS:
+            continue
+        block = tokens[n - period:]
+        if all(tokens[n - (r + 1) * period:n - r * period] == block for r in range(1, LOOP_REPEATS)):
+            return n - span + period
+    return None
 
 
 class Engine:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cart.engines.base import Engine, Generation, GenerationRequest, TopK
+from cart.engines.base import Engine, Generation, GenerationRequest, TopK, loop_start
 
 
 class TransformersEngine(Engine):
@@ -53,40 +53,54 @@ class TransformersEngine(Engine):
         device = self.model.device
         b = len(requests)
         limits = [r.max_new_tokens for r in requests]
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        generators = [torch.Generator(device="cpu").manual_seed(
+            r.seed if r.seed is not None else seed * 1_000_003 + i) for i, r in enumerate(requests)]
         outputs = [Generation([], False) for _ in requests]
-        active = torch.ones(b, dtype=torch.bool, device=device)
         with torch.inference_mode():
             cache, mask, logits = self._prefill(requests)
             positions = mask.sum(-1, keepdim=True) - 1
+            rows = list(range(b))  # batch row -> request index (rows shrink as requests finish)
             for step in range(max(limits)):
                 logprobs = torch.log_softmax(logits, dim=-1)
-                if temperature > 0:
+                if temperature > 0:  # each request draws from its own generator
                     probs = torch.softmax(logits / temperature, dim=-1).cpu()
-                    next_ids = torch.multinomial(probs, 1, generator=generator).view(-1).to(device)
+                    next_ids = torch.cat([torch.multinomial(probs[row], 1, generator=generators[i])
+                                          for row, i in enumerate(rows)]).to(device)
                 else:
                     next_ids = logits.argmax(dim=-1)
                 if k:
                     top_lp, top_ids = logprobs.topk(k, dim=-1)
                     top_lp, top_ids = top_lp.cpu().tolist(), top_ids.cpu().tolist()
                 next_list = next_ids.cpu().tolist()
-                for i in range(b):
-                    if not active[i]:
-                        continue
+                still = []
+                for row, i in enumerate(rows):
                     out = outputs[i]
-                    out.token_ids.append(next_list[i])
+                    out.token_ids.append(next_list[row])
                     if k:
-                        out.topk.append(TopK(top_ids[i], top_lp[i]))
-                    if next_list[i] in self.eos_token_ids:
+                        out.topk.append(TopK(top_ids[row], top_lp[row]))
+                    if next_list[row] in self.eos_token_ids:
                         out.finished = True
-                        active[i] = False
                     elif len(out.token_ids) >= limits[i]:
-                        active[i] = False
-                if not bool(active.any()):
+                        pass
+                    elif requests[i].stop_loops and (cut := loop_start(out.token_ids)) is not None:
+                        del out.token_ids[cut:], out.topk[cut:]
+                        out.looped = True
+                    else:
+                        still.append(row)
+                if not still:
                     break
-                mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
+                if len(still) < len(rows):
+                    # Drop finished rows so the rest decode at the batch size they need: a
+                    # long tail no longer pays for the whole batch. Rows are independent
+                    # (each attends only to its own cache), so results do not change.
+                    keep = torch.tensor(still, device=device)
+                    for layer in cache.layers:
+                        layer.keep_rows(keep)
+                    mask, positions, next_ids = mask[keep], positions[keep], next_ids[keep]
+                    rows = [rows[r] for r in still]
+                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
                 positions = positions + 1
-                logits = self.model(input_ids=next_ids.view(b, 1), attention_mask=mask,
+                logits = self.model(input_ids=next_ids.view(-1, 1), attention_mask=mask,
                                     position_ids=positions, past_key_values=cache,
                                     use_cache=True).logits[:, -1].float()
         return outputs
