@@ -174,7 +174,7 @@ def _ensure_converted(gguf: Path, digest: str, console: Console) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         started = time.perf_counter()
         try:
-            _convert_gguf(gguf, tmp)
+            _convert_gguf(gguf, tmp, show_progress=console.interactive)
             seconds = time.perf_counter() - started
             model_id = (
                 f"{EMBEDDED_DIST}=={_embedded_version()}:{gguf.stem}"
@@ -205,7 +205,9 @@ def _embedded_version() -> str:
     return metadata.version(EMBEDDED_DIST)
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def _convert_gguf(gguf: Path, out: Path, show_progress: bool = False) -> None:
+    if not show_progress:  # transformers' GGUF loader draws a tqdm bar of its own
+        os.environ["TQDM_DISABLE"] = "1"
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
