@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cart.config import check_type, flag
+from cart.config import check_type
 from cart.io import STDIO, CartError, Console, schema_id, sha256_hex
 
 MODES = ("random", "sequential")
