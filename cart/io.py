@@ -125,19 +125,23 @@ def read_jsonl(path: str | os.PathLike, kind: str | None = None) -> Iterator[Lin
 
     Blank lines are skipped. Malformed lines raise a CartError naming the file and line.
     """
-    source = display_name(path)
     with open_input_bytes(path) as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = orjson.loads(raw)
-            except orjson.JSONDecodeError as e:
-                raise CartError(f"{source}:{lineno}: invalid JSON ({e.args[0]})") from None
-            line = Line(source, lineno, record)
-            if kind is not None:
-                check_schema(record, kind, line.where)
-            yield line
+        yield from parse_jsonl(f, display_name(path), kind)
+
+
+def parse_jsonl(lines: Iterable[bytes], source: str, kind: str | None = None) -> Iterator[Line]:
+    """The records of JSONL ``lines`` (bytes) read from ``source`` (named in errors)."""
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise CartError(f"{source}:{lineno}: invalid JSON ({e.args[0]})") from None
+        line = Line(source, lineno, record)
+        if kind is not None:
+            check_schema(record, kind, line.where)
+        yield line
 
 
 def dumps(record: Any) -> bytes:

@@ -28,7 +28,7 @@ from typing import Any
 
 from cart.chat import render_ids
 from cart.config import check_type
-from cart.io import CartError, Console, dumps, read_jsonl, schema_id, sha256_hex
+from cart.io import CartError, Console, dumps, parse_jsonl, read_jsonl, schema_id, sha256_hex
 
 SYSTEM_TEMPLATE = ("You are in a conversation about the following document.\n\n"
                    "<document>\n{chunk}\n</document>")
@@ -137,21 +137,8 @@ def _is_chunk_jsonl(item: str, stdin_bytes: bytes | None) -> bool:
 
 def _chunk_lines(source: str, stdin_bytes: bytes | None):
     if source != "-":
-        yield from read_jsonl(source, kind="chunk")
-        return
-    import orjson
-
-    from cart.io import Line, check_schema
-
-    for lineno, raw in enumerate(stdin_bytes.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = orjson.loads(raw)
-        except orjson.JSONDecodeError as e:
-            raise CartError(f"<stdin>:{lineno}: invalid JSON ({e.args[0]})") from None
-        check_schema(record, "chunk", f"<stdin>:{lineno}")
-        yield Line("<stdin>", lineno, record)
+        return read_jsonl(source, kind="chunk")
+    return parse_jsonl(stdin_bytes.splitlines(), "<stdin>", kind="chunk")
 
 
 # -- the plan: which chunk and seed prompt each conversation gets -------------------------------
