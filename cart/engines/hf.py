@@ -151,15 +151,14 @@ class TransformersEngine(Engine):
 
     def _prefix_kv(self, prefix: list[int]) -> list[tuple[Any, Any]]:
         import torch
-        from transformers import DynamicCache
+
+        from cart.kvcache import prefix_kv
 
         key = tuple(prefix)
         kv = self._prefixes.pop(key, None)
         if kv is None:
-            cache = DynamicCache(config=self.model.config)
-            self.model(input_ids=torch.tensor([prefix], device=self.model.device),
-                       past_key_values=cache, use_cache=True, logits_to_keep=1)
-            kv = [(layer.keys, layer.values) for layer in cache.layers]
+            ids = torch.tensor(prefix, device=self.model.device)
+            kv = [(k.unsqueeze(0), v.unsqueeze(0)) for k, v in prefix_kv(self.model, ids)]
         self._prefixes[key] = kv  # most recently used last
         per_entry = lambda e: sum(k.numel() * k.element_size() * 2 for k, _ in e)  # noqa: E731
         while len(self._prefixes) > 1 and sum(map(per_entry, self._prefixes.values())) > self._prefix_cache_bytes:
