@@ -41,6 +41,11 @@ demo: install
 	$(CART) synth $(DEMO_OUT)/chunks.jsonl -n 8 --seed 0 --batch-size 8 \
 		--max-tokens-a 64 --max-tokens-b 128 -o $(DEMO_OUT)/convos.jsonl
 	@$(PY) examples/show_convos.py $(DEMO_OUT)/convos.jsonl
+	@echo "== cart distill: train a 64-token cartridge on those conversations (2 epochs)"
+	$(CART) distill $(DEMO_OUT)/convos.jsonl -p 64 --epochs 2 --batch-size 1 --seq-len 1024 \
+		--init text --init-text examples/orbital/corpus.md \
+		--log $(DEMO_OUT)/distill-log.jsonl -o $(DEMO_OUT)/orbital-p64.safetensors
+	$(CART) info $(DEMO_OUT)/orbital-p64.safetensors
 
 test: install
 	$(PY) -m pytest -q
@@ -53,6 +58,8 @@ bench: install
 	$(PY) bench/model_load.py
 	@echo "== cart synth vs plain model.generate on the same prompts"
 	$(PY) bench/synth.py
+	@echo "== cart distill training step vs plain forward+backward on the same tokens"
+	$(PY) bench/distill.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

@@ -45,7 +45,7 @@ def main() -> None:
                       min_tokens=args.min_chunk, max_tokens=args.max_chunk)
     console = Console(quiet=True)
     engine = TransformersEngine.load(None)
-    chunks = load_chunks([str(EXAMPLE)], cfg, None, console)
+    chunks, _ = load_chunks([str(EXAMPLE)], cfg, None, console)
     batches = batches_of(plan(chunks, cfg, get_seed_prompts("mixed")), cfg.batch_size, (0, 1))
     meta = {"model": {}, "corpus": None, "config": {}}
 

@@ -240,6 +240,14 @@ def coverage(records: Sequence[dict[str, Any]], total: int) -> float:
 def chunk_corpus(inputs: Sequence[str], cfg: ChunkConfig, model: str | None,
                  console: Console, stdin_bytes: bytes | None = None) -> list[dict[str, Any]]:
     """Read, tokenize and cut a corpus: the whole ``cart chunk`` job as a function."""
+    return chunk_corpus_with_head(inputs, cfg, model, console, stdin_bytes)[0]
+
+
+def chunk_corpus_with_head(inputs: Sequence[str], cfg: ChunkConfig, model: str | None,
+                           console: Console, stdin_bytes: bytes | None = None,
+                           head_tokens: int = 0) -> tuple[list[dict[str, Any]], list[int]]:
+    """``chunk_corpus`` plus the corpus's first ``head_tokens`` token ids (documents in order),
+    which ``cart synth`` hands on so ``cart distill`` can initialise from them."""
     from cart.models import load_tokenizer, resolve_model, tokenizer_hash
 
     docs = read_corpus(inputs, console, stdin_bytes)
@@ -257,4 +265,9 @@ def chunk_corpus(inputs: Sequence[str], cfg: ChunkConfig, model: str | None,
     total = records[0]["corpus"]["n_tokens"]
     console.info(f"{len(records)} chunks from {len(docs)} document(s), {total} corpus tokens, "
                  f"{coverage(records, total):.0%} of the corpus covered")
-    return records
+    head: list[int] = []
+    for d in docs:
+        if len(head) >= head_tokens:
+            break
+        head.extend(d.token_ids[: head_tokens - len(head)])
+    return records, head

@@ -188,6 +188,86 @@ def synth_command(
     synthesize(inputs, cfg, model, output, shard_ix, console)
 
 
+@app.command("distill")
+def distill_command(
+    inputs: Annotated[Optional[list[str]], typer.Argument(
+        help="cart.convo/1 JSONL files from cart synth, or - for stdin.", show_default=False)] = None,
+    tokens: Annotated[Optional[int], _opt(("-p", "--tokens"), "Cartridge length p in KV positions "
+                                          "(the frozen sink included). [default: 512]")] = None,
+    init: Annotated[Optional[str], _opt(
+        "--init", "Initial KV: corpus (the model's KV of the corpus's first p tokens), "
+                  "random-tokens (KV of random token ids), random-vectors (Gaussian), text (KV of "
+                  "--init-text), or a .safetensors cartridge to continue training. [default: corpus]")] = None,
+    init_text: Annotated[Optional[str], _opt("--init-text", "The text file --init text "
+                                                            "initialises from.")] = None,
+    objective: Annotated[Optional[str], _opt(
+        "--objective", "kl (distil the stored teacher top-k) or ntp (next-token prediction "
+                       "ablation). [default: kl]")] = None,
+    lr: Annotated[Optional[float], _opt("--lr", "Adam learning rate, constant. [default: 0.02]")] = None,
+    epochs: Annotated[Optional[int], _opt("--epochs", "Passes over the conversations. "
+                                                      "[default: 1]")] = None,
+    steps: Annotated[Optional[int], _opt("--steps", "Optimizer steps (overrides --epochs; the "
+                                                    "data repeats in fresh shuffles).")] = None,
+    batch_size: Annotated[Optional[int], _opt("--batch-size", "Packed rows per optimizer step, "
+                                              "over all processes. [default: 4]")] = None,
+    seq_len: Annotated[Optional[int], _opt("--seq-len", "Tokens per packed row (1 = no packing: "
+                                           "one conversation per row). [default: 2048]")] = None,
+    grad_accum: Annotated[Optional[int], _opt("--grad-accum", "Micro-steps per optimizer step "
+                                              "(same result, less memory). [default: 1]")] = None,
+    seed: Annotated[Optional[int], _opt("--seed", "Shuffling and random inits. [default: 0]")] = None,
+    dtype: Annotated[Optional[str], _opt("--dtype", "Compute: bfloat16 (autocast; the cartridge "
+                                         "and Adam stay float32), float32, or auto (bfloat16 on "
+                                         "GPUs and CPUs with native bfloat16, else float32). "
+                                         "[default: auto]")] = None,
+    device: Annotated[Optional[str], _opt("--device", "cpu, cuda, cuda:N or auto. "
+                                                      "[default: auto]")] = None,
+    save_every: Annotated[Optional[int], _opt("--save-every", "Checkpoint every N steps. "
+                                                              "[default: 50]")] = None,
+    frozen_tokens: Annotated[Optional[int], _opt("--frozen-tokens", "Leading positions kept "
+                                                 "frozen (the attention sink). [default: 1]")] = None,
+    checkpoint: Annotated[Optional[str], _opt(
+        "--checkpoint", "Checkpoint file (cartridge + Adam state); a rerun resumes from it. "
+                        "[default: OUTPUT.ckpt with -o; none on stdout]")] = None,
+    log: Annotated[Optional[str], _opt("--log", "Write one JSON line per step (loss, kl, "
+                                                "tokens, tokens/s) to this file.")] = None,
+    output: Annotated[Optional[str], typer.Option(
+        "-o", "--output", help="Cartridge file (.safetensors), written atomically, or - for "
+                               "stdout. [default: stdout when it is not a terminal, else "
+                               "cartridge-CORPUS-pP.safetensors]", show_default=False)] = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Train a cartridge on self-study conversations by context distillation."""
+    from cart.cartridge import read_metadata
+    from cart.config import resolve
+    from cart.distill import DistillConfig, distill
+    from cart.io import Console
+
+    console = Console(quiet)
+    if tokens is None and init is not None and init.endswith(".safetensors") and Path(init).is_file():
+        tokens = read_metadata(init)["p"]  # continue training at the cartridge's own size
+    cfg = resolve(DistillConfig, config, "distill", tokens=tokens, init=init, init_text=init_text,
+                  objective=objective, lr=lr, epochs=epochs, steps=steps, batch_size=batch_size,
+                  seq_len=seq_len, grad_accum=grad_accum, seed=seed, dtype=dtype, device=device,
+                  save_every=save_every, frozen_tokens=frozen_tokens)
+    if not inputs:
+        if sys.stdin.isatty():
+            raise CartError("no input: give conversation JSONL files (cart synth), or - for stdin")
+        inputs = ["-"]
+    if output is None and sys.stdout.isatty():
+        output = "auto"  # never binary onto a terminal: a file named after the corpus
+    if output not in (None, "-", "auto"):
+        target = Path(output)
+        if target.is_dir():
+            raise CartError(f"{target}: is a directory, expected an output file name")
+        if not target.parent.exists():
+            raise CartError(f"{target}: directory {target.parent} does not exist")
+    if log is not None and not Path(log).parent.exists():
+        raise CartError(f"{log}: directory {Path(log).parent} does not exist")
+    distill(inputs, cfg, model, output, checkpoint, log, console)
+
+
 @app.command("info")
 def info_command(
     cartridge: Annotated[str, typer.Argument(help="A cartridge file (.safetensors).",

@@ -228,6 +228,11 @@ class Console:
         if self.interactive:
             self.rich.print(message)
 
+    def notice(self, message: str) -> None:
+        """A line the user must see even in a log (e.g. where an output went), unless quiet."""
+        if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
     def warn(self, message: str) -> None:
         if not self.quiet:
             print(f"cart: warning: {message}", file=sys.stderr, flush=True)

@@ -100,10 +100,17 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 
 # -- inputs ------------------------------------------------------------------------------------
+# The corpus's first tokens travel with the conversations (in the record of conversation 0: the
+# first record of a run, or of its shard 0) so that `cart distill` can initialise a cartridge
+# from them without the corpus.
+CORPUS_HEAD_TOKENS = 8192
+
+
 def load_chunks(inputs: Sequence[str], cfg: SynthConfig, model: str | None, console: Console
-                ) -> list[dict[str, Any]]:
-    """Chunk records from chunk JSONL inputs, or cut from raw corpus inputs."""
-    from cart.chunk import chunk_corpus
+                ) -> tuple[list[dict[str, Any]], list[int] | None]:
+    """Chunk records from chunk JSONL inputs, or cut from raw corpus inputs, and the corpus's
+    first token ids when the inputs are the corpus itself (None for chunk JSONL inputs)."""
+    from cart.chunk import chunk_corpus_with_head
 
     if not inputs:
         raise CartError("no input: give corpus files/directories or chunk JSONL, or - for stdin")
@@ -112,7 +119,8 @@ def load_chunks(inputs: Sequence[str], cfg: SynthConfig, model: str | None, cons
     if jsonl and len(jsonl) != len(inputs):
         raise CartError("give either chunk JSONL files or corpus files, not both")
     if not jsonl:
-        return chunk_corpus(inputs, cfg.chunk_config(), model, console, stdin_bytes=stdin_bytes)
+        return chunk_corpus_with_head(inputs, cfg.chunk_config(), model, console,
+                                      stdin_bytes=stdin_bytes, head_tokens=CORPUS_HEAD_TOKENS)
     chunks = []
     for source in jsonl:
         for line in _chunk_lines(source, stdin_bytes):
@@ -125,7 +133,21 @@ def load_chunks(inputs: Sequence[str], cfg: SynthConfig, model: str | None, cons
             chunks.append(r)
     if not chunks:
         raise CartError(f"{', '.join(jsonl)}: no chunks")
-    return chunks
+    return chunks, None
+
+
+def corpus_head(chunks: list[dict[str, Any]], head_ids: list[int] | None, tokenizer
+                ) -> dict[str, Any] | None:
+    """The ``corpus_head`` record field: the corpus's first tokens, from the corpus itself or,
+    for chunk JSONL inputs, from the longest chunk that starts the corpus (None if none does)."""
+    if head_ids:
+        return {"ids": head_ids, "source": "corpus"}
+    first = [c for c in chunks if c.get("start") == 0 and isinstance(c.get("text"), str)]
+    if not first:
+        return None
+    chunk = max(first, key=lambda c: c.get("end") or 0)
+    ids = tokenizer(chunk["text"], add_special_tokens=False)["input_ids"][:CORPUS_HEAD_TOKENS]
+    return {"ids": list(ids), "source": f"chunk {chunk['id']}"}
 
 
 def _is_chunk_jsonl(item: str, stdin_bytes: bytes | None) -> bool:
@@ -185,9 +207,12 @@ def keep_mass(ids: list[int], logprobs: list[float], mass: float) -> tuple[list[
 
 
 def synthesize_batch(engine, batch: list[Planned], cfg: SynthConfig, batch_index: int,
-                     run: str, meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """Algorithm 1 for one batch of conversations -> cart.convo/1 records."""
-    from cart.engines.base import GenerationRequest
+                     run: str, meta: dict[str, Any], direct: frozenset[str] | set[str] = frozenset()
+                     ) -> list[dict[str, Any]]:
+    """Algorithm 1 for one batch of conversations -> cart.convo/1 records. Conversations whose
+    seed type is in ``direct`` open with the seed prompt itself as the user message (A's first
+    turn is skipped)."""
+    from cart.engines.base import Generation, GenerationRequest
 
     tok = engine.tokenizer
     prefix = [shared_prefix_len(tok, system_prompt(p.chunk)) for p in batch]
@@ -198,17 +223,22 @@ def synthesize_batch(engine, batch: list[Planned], cfg: SynthConfig, batch_index
     targets = [[] for _ in batch]  # per conversation: per B turn, list of TopK
     stats = [{"a_tokens": [], "b_tokens": [], "b_finished": [], "looped": []} for _ in batch]
     for turn in range(cfg.turns):
-        a_out = engine.generate(
-            [GenerationRequest(render_ids(tok, m, True)[0], cfg.max_tokens_a, cfg.temperature_a,
-                               prefix_len=n, stop_loops=cfg.stop_loops,
-                               seed=_derive(cfg.seed, p.index, turn, "a"))
-             for m, n, p in zip(a_msgs, prefix, batch)], seed=_derive(cfg.seed, batch_index, turn, "a"))
+        asked = [i for i, p in enumerate(batch) if turn > 0 or p.seed_type not in direct]
+        generated = engine.generate(
+            [GenerationRequest(render_ids(tok, a_msgs[i], True)[0], cfg.max_tokens_a,
+                               cfg.temperature_a, prefix_len=prefix[i], stop_loops=cfg.stop_loops,
+                               seed=_derive(cfg.seed, batch[i].index, turn, "a"))
+             for i in asked], seed=_derive(cfg.seed, batch_index, turn, "a"))
+        a_out = [Generation(tok(p.seed_text, add_special_tokens=False)["input_ids"], True)
+                 for p in batch]  # direct seeds: the seed prompt is the message
+        for i, g in zip(asked, generated):
+            a_out[i] = g
         a_texts = [tok.decode(g.token_ids, skip_special_tokens=True).strip() for g in a_out]
         for i, text in enumerate(a_texts):
             b_msgs[i].append({"role": "user", "content": text})
             convo[i].append({"role": "user", "content": text})
             a_msgs[i].append({"role": "assistant", "content": _strip_eos(a_out[i].token_ids, engine)})
-            stats[i]["a_tokens"].append(len(a_out[i].token_ids))
+            stats[i]["a_tokens"].append(len(a_out[i].token_ids) if i in asked else 0)
         b_out = engine.generate(
             [GenerationRequest(render_ids(tok, m, True)[0], cfg.max_tokens_b, cfg.temperature_b,
                                top_k_logprobs=cfg.top_k, prefix_len=n, stop_loops=cfg.stop_loops,
@@ -365,7 +395,7 @@ def synthesize(inputs: Sequence[str], cfg: SynthConfig, model: str | None, outpu
     from cart.seeds import get_seed_prompts
 
     seeds = get_seed_prompts(cfg.seed_prompts)
-    chunks = load_chunks(inputs, cfg, model, console)
+    chunks, head_ids = load_chunks(inputs, cfg, model, console)
     engine = get_engine(cfg.engine, model, dtype=cfg.dtype, device=resolve_device(cfg.device),
                         console=console)
     tok_hashes = {c.get("tokenizer", {}).get("hash") for c in chunks} - {None}
@@ -382,6 +412,7 @@ def synthesize(inputs: Sequence[str], cfg: SynthConfig, model: str | None, outpu
         "corpus": chunks[0].get("corpus"),
         "config": {**asdict(cfg), "seed_prompts_resolved": seeds.describe()},
     }
+    head = corpus_head(chunks, head_ids, engine.tokenizer)
     batches = batches_of(planned, cfg.batch_size, shard)
     out_path = None if output in (None, "-") else Path(output)
     if out_path is not None:
@@ -407,7 +438,10 @@ def synthesize(inputs: Sequence[str], cfg: SynthConfig, model: str | None, outpu
             task = progress.add_task("synth", total=total, completed=written, status="")
             for b_index, batch in enumerate(batches[done:], start=done):
                 records = synthesize_batch(engine, batch, cfg, batch[0].index // cfg.batch_size,
-                                           run, meta)
+                                           run, meta, seeds.direct_names)
+                if head is not None and records[0]["index"] == 0:
+                    # once per run, in conversation 0: shards concatenate to the whole run
+                    records[0]["corpus_head"] = head
                 sink.write(b"".join(dumps(r) for r in records))
                 sink.flush()
                 if out_path is not None:

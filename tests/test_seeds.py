@@ -19,8 +19,8 @@ DOMAIN_WORDS = ["medical", "patient", "health", "clinical", "financial", "financ
                 "legal", "law", "space", "city", "translat", "language learning"]
 ENDING = re.compile(r"Output only (the|that) (message|question|question or request), and "
                     r"nothing else: no preamble, no explanation\.$")
-UNKNOWN = ("--seed-prompts: unknown seed-prompt type {!r} (known: mixed, generic, structuring, "
-           "summarization, question, use_case, creative, or a file)")
+UNKNOWN = ("--seed-prompts: unknown seed-prompt type {!r} (known: mixed, recall, generic, "
+           "structuring, summarization, question, use_case, creative, recite, facts, qa, or a file)")
 
 
 def all_builtin_prompts(n: int = 300) -> set[str]:

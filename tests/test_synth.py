@@ -169,3 +169,24 @@ def test_bad_inputs(run_cart, tiny_model, corpus, tmp_path, case):
     line = one_line_error(proc)
     assert expected in line, line
     assert out.read_text() == "keep\n"
+
+
+def test_direct_seeds_skip_a_and_the_corpus_head_travels_once(run_cart, tiny_model, corpus):
+    """--seed-prompts recall: the seed prompt is the user message itself (A is skipped), and the
+    first record carries the corpus's first token ids for cart distill --init corpus."""
+    from cart.models import load_tokenizer, resolve_model
+    from cart.seeds import RECALL_TYPES
+
+    proc = run_cart("synth", corpus, "-n", "4", "--seed-prompts", "recall", *SMALL,
+                    "--model", tiny_model)
+    assert proc.returncode == 0, proc.stderr.decode()
+    recs = records(proc.stdout)
+    for r in recs:
+        assert r["seed_prompt"]["type"] in RECALL_TYPES
+        assert r["messages"][0]["content"] == r["seed_prompt"]["text"]
+        assert r["stats"]["a_tokens"] == [0]
+    tok = load_tokenizer(resolve_model(str(tiny_model)))
+    head = recs[0]["corpus_head"]
+    assert head["source"] == "corpus"
+    assert head["ids"] == tok(CORPUS_TEXT, add_special_tokens=False)["input_ids"][:8192]
+    assert all("corpus_head" not in r for r in recs[1:])

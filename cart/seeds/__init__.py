@@ -22,8 +22,11 @@ from cart.io import CartError
 from cart.seeds.base import SeedPrompt
 from cart.seeds.creative import CreativeSeed
 from cart.seeds.custom import CustomSeeds
+from cart.seeds.facts import FactsSeed
 from cart.seeds.generic import GenericSeed
+from cart.seeds.qa import QASeed
 from cart.seeds.question import QuestionSeed
+from cart.seeds.recite import ReciteSeed
 from cart.seeds.structuring import StructuringSeed
 from cart.seeds.summarization import SummarizationSeed
 from cart.seeds.use_case import UseCaseSeed
@@ -37,15 +40,25 @@ SEED_TYPES: dict[str, type[SeedPrompt]] = {
     "creative": CreativeSeed,
 }
 
+# Direct types (this project's addition, still domain-free): the seed is the user message
+# itself and A is skipped; ``recall`` draws uniformly among them.
+RECALL_TYPES: dict[str, type[SeedPrompt]] = {
+    "recite": ReciteSeed,
+    "facts": FactsSeed,
+    "qa": QASeed,
+}
+
 MIXED = "mixed"
+RECALL = "recall"
 DEFAULT_SPEC = MIXED
 CUSTOM_SUFFIXES = (".txt", ".jsonl")
-KNOWN = (f"{MIXED}, {GenericSeed.name}, " + ", ".join(SEED_TYPES) + ", or a file")
+KNOWN = (f"{MIXED}, {RECALL}, {GenericSeed.name}, " + ", ".join([*SEED_TYPES, *RECALL_TYPES])
+         + ", or a file")
 
 __all__ = [
     "SEED_TYPES", "SeedMix", "SeedPrompt", "get_seed_prompts", "DEFAULT_SPEC",
     "StructuringSeed", "SummarizationSeed", "QuestionSeed", "UseCaseSeed", "CreativeSeed",
-    "GenericSeed", "CustomSeeds",
+    "GenericSeed", "CustomSeeds", "RECALL_TYPES", "ReciteSeed", "FactsSeed", "QASeed",
 ]
 
 
@@ -61,6 +74,11 @@ class SeedMix:
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.seeds]
+
+    @property
+    def direct_names(self) -> set[str]:
+        """Types whose prompt is the user message itself (A is skipped)."""
+        return {s.name for s in self.seeds if getattr(s, "direct", False)}
 
     def sample(self, rng: random.Random) -> tuple[str, str]:
         """Return ``(type_name, prompt_text)``; the same ``rng`` state gives the same pair."""
@@ -92,10 +110,12 @@ def get_seed_prompts(spec: str = DEFAULT_SPEC) -> SeedMix:
         return SeedMix([CustomSeeds.from_file(spec)])
     if spec == MIXED:
         return SeedMix([cls() for cls in SEED_TYPES.values()], label=MIXED)
+    if spec == RECALL:
+        return SeedMix([cls() for cls in RECALL_TYPES.values()], label=RECALL)
     if spec == GenericSeed.name:
         return SeedMix([GenericSeed()])
-    if spec in SEED_TYPES:
-        return SeedMix([SEED_TYPES[spec]()])
+    if spec in SEED_TYPES or spec in RECALL_TYPES:
+        return SeedMix([{**SEED_TYPES, **RECALL_TYPES}[spec]()])
     if "," not in spec and os.path.isfile(spec):
         return SeedMix([CustomSeeds.from_file(spec)])
     names: list[str] = []
@@ -103,10 +123,12 @@ def get_seed_prompts(spec: str = DEFAULT_SPEC) -> SeedMix:
         name = part.strip()
         if name == MIXED:
             expanded = list(SEED_TYPES)
-        elif name == GenericSeed.name or name in SEED_TYPES:
+        elif name == RECALL:
+            expanded = list(RECALL_TYPES)
+        elif name == GenericSeed.name or name in SEED_TYPES or name in RECALL_TYPES:
             expanded = [name]
         else:
             raise CartError(f"--seed-prompts: unknown seed-prompt type {name!r} (known: {KNOWN})")
         names += [n for n in expanded if n not in names]
-    builtins = {GenericSeed.name: GenericSeed, **SEED_TYPES}
+    builtins = {GenericSeed.name: GenericSeed, **SEED_TYPES, **RECALL_TYPES}
     return SeedMix([builtins[n]() for n in names], label=MIXED)

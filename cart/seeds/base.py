@@ -27,6 +27,8 @@ class SeedPrompt:
     """
 
     name: str = ""
+    # A direct seed is the user message itself, sent to B as is (participant A is skipped).
+    direct: bool = False
 
     def sample(self, rng: random.Random) -> str:
         """Return the text of one seed prompt of this type."""

@@ -1,0 +1,779 @@
+"""``cart distill``: train a cartridge by context distillation (paper sections 3.2, 4.2,
+appendix A.3-A.4).
+
+The cartridge is a prefix KV cache of p tokens per layer (post-RoPE keys at positions
+``0..p-1``); conversation tokens follow it at positions ``p, p+1, ...``. The first token's
+key/value -- the attention sink -- stays frozen, the model is frozen, and only the other p-1
+tokens' keys and values train.
+
+Objective (default ``kl``): at every assistant token the student -- the model with the cartridge
+and *without* the chunk -- is pulled toward the teacher's next-token distribution stored by
+``cart synth`` (top-k log-probs of the model *with* the chunk in context). The stored candidates
+cover the teacher's top-k up to a cumulative probability (``--logprob-mass``, 0.99); the tail
+beyond them is dropped and the kept probabilities are renormalised to sum to one, so the loss is
+the cross-entropy ``-sum_i q_i log p_student(i)`` over the kept candidates, with the student's
+log-probs normalised over the full vocabulary. The logged ``kl`` subtracts the (renormalised)
+teacher entropy. ``ntp`` is the next-token-prediction ablation on the same positions.
+
+Batches: conversations are packed into rows of up to ``--seq-len`` tokens; each conversation
+keeps its own positions (p, p+1, ...) and a 4D mask lets it see the cartridge and its own
+earlier tokens only, never another packed conversation. A step is ``--batch-size`` rows
+(global: split over ``--grad-accum`` micro-steps and over the processes of ``torchrun``), and
+its loss is the sum over its target tokens divided by their number, whatever the split.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cart.config import check_type
+from cart.io import CartError, Console, dumps, require, sha256_hex
+
+OBJECTIVES = ("kl", "ntp")
+INIT_KINDS = ("corpus", "random-tokens", "random-vectors", "text")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class DistillConfig:
+    tokens: int = 512  # p, the cartridge's length in KV positions (sink included)
+    init: str = "corpus"  # corpus | random-tokens | random-vectors | text | a cartridge file
+    init_text: str | None = None  # the file read by --init text
+    objective: str = "kl"
+    lr: float = 2e-2  # the reference implementation's default (constant, Adam)
+    epochs: int = 1
+    steps: int | None = None  # overrides epochs
+    batch_size: int = 4  # packed rows per optimizer step (global)
+    seq_len: int = 2048  # tokens per packed row
+    grad_accum: int = 1
+    seed: int = 0
+    dtype: str = "auto"  # compute: bfloat16 autocast where the hardware has it, else float32
+    device: str = "auto"
+    save_every: int = 50  # checkpoint every N steps (and at the end)
+    frozen_tokens: int = 1
+
+    def __post_init__(self):
+        for name in ("tokens", "epochs", "batch_size", "seq_len", "grad_accum", "seed",
+                     "save_every", "frozen_tokens"):
+            check_type(name, getattr(self, name), int)
+        check_type("lr", self.lr, (int, float))
+        if self.steps is not None:
+            check_type("steps", self.steps, int)
+            if self.steps < 1:
+                raise CartError(f"--steps must be at least 1, got {self.steps}")
+        for name, flag_name, low in (("tokens", "-p/--tokens", 2), ("epochs", "--epochs", 1),
+                                     ("batch_size", "--batch-size", 1), ("seq_len", "--seq-len", 1),
+                                     ("grad_accum", "--grad-accum", 1),
+                                     ("save_every", "--save-every", 1),
+                                     ("frozen_tokens", "--frozen-tokens", 1)):
+            if getattr(self, name) < low:
+                raise CartError(f"{flag_name} must be at least {low}, got {getattr(self, name)}")
+        if self.frozen_tokens >= self.tokens:
+            raise CartError(f"--frozen-tokens ({self.frozen_tokens}) must be less than "
+                            f"-p/--tokens ({self.tokens})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise CartError(f"--lr must be a positive number, got {self.lr}")
+        if self.objective not in OBJECTIVES:
+            raise CartError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.dtype not in DTYPES:
+            raise CartError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.init not in INIT_KINDS and not self.init.endswith(".safetensors"):
+            raise CartError(f"--init must be corpus, random-tokens, random-vectors, text or a "
+                            f".safetensors cartridge file, got {self.init!r}")
+        if (self.init == "text") != (self.init_text is not None):
+            raise CartError("--init text needs --init-text FILE (and --init-text needs --init text)")
+        if self.batch_size % self.grad_accum:
+            raise CartError(f"--batch-size ({self.batch_size}) must be a multiple of --grad-accum "
+                            f"({self.grad_accum})")
+
+
+# -- conversations -------------------------------------------------------------------------------
+@dataclass
+class Conversation:
+    id: str
+    token_ids: list[int]
+    positions: list[int]  # index (in token_ids) of each predicted token
+    cand_ids: list[list[int]]  # teacher candidates per position, best first
+    cand_logprobs: list[list[float]]
+
+
+@dataclass
+class ConvoSet:
+    convos: list[Conversation]
+    model: dict[str, Any]  # id, config_hash, tokenizer_hash
+    corpus: dict[str, Any] | None
+    corpus_paths: list[str]
+    head_ids: list[int] | None
+    head_source: str | None
+    synth: dict[str, Any]  # runs and the synth config of the first run
+    digest: str  # hash of the training data (ids and targets)
+    sources: list[str] = field(default_factory=list)
+
+
+def load_conversations(inputs: Sequence[str], console: Console) -> ConvoSet:
+    """Read and check cart.convo/1 records (files or ``-``); one model, one teacher."""
+    import hashlib
+
+    from cart.io import read_jsonl
+
+    convos: list[Conversation] = []
+    model = corpus = None
+    model_where = ""
+    head_ids, head_source = None, None
+    runs: dict[str, dict[str, Any]] = {}
+    paths: dict[str, None] = {}
+    digest = hashlib.sha256()
+    for source in inputs:
+        for line in read_jsonl(source, kind="convo"):
+            r, where = line.record, line.where
+            convo = _parse_convo(r, where)
+            m = require(r, "model", dict, where)
+            ident = {k: m.get(k) for k in ("id", "config_hash", "tokenizer_hash")}
+            if model is None:
+                model, model_where = ident, where
+            elif (ident["config_hash"], ident["tokenizer_hash"]) != (model["config_hash"],
+                                                                    model["tokenizer_hash"]):
+                raise CartError(f"{where}: conversation from model {ident['id']} (config "
+                                f"{ident['config_hash']}, tokenizer {ident['tokenizer_hash']}), but "
+                                f"{model_where} is from {model['id']} (config {model['config_hash']}, "
+                                f"tokenizer {model['tokenizer_hash']}): distill one model's data")
+            if corpus is None and isinstance(r.get("corpus"), dict):
+                corpus = r["corpus"]
+            head = r.get("corpus_head")
+            if head_ids is None and isinstance(head, dict) and isinstance(head.get("ids"), list):
+                if not all(isinstance(t, int) and not isinstance(t, bool) for t in head["ids"]):
+                    raise CartError(f"{where}: field 'corpus_head.ids' must be a list of token ids")
+                head_ids, head_source = head["ids"], f"{head.get('source', 'corpus')} ({where})"
+            run = r.get("run")
+            if isinstance(run, str) and run not in runs:
+                runs[run] = r.get("config") if isinstance(r.get("config"), dict) else {}
+            chunk = r.get("chunk")
+            if isinstance(chunk, dict):
+                for p in chunk.get("paths") or []:
+                    if isinstance(p, str):
+                        paths[p] = None
+            digest.update(dumps([convo.token_ids, convo.positions, convo.cand_ids,
+                                 convo.cand_logprobs]))
+            convos.append(convo)
+    if not convos:
+        raise CartError(f"{', '.join(map(str, inputs))}: no conversations (expected cart.convo/1 "
+                        "records from cart synth)")
+    first_config = next(iter(runs.values()), {})
+    synth = {"runs": sorted(runs), "num_convos": len(convos), "config": first_config}
+    return ConvoSet(convos, model, corpus, sorted(paths), head_ids, head_source, synth,
+                    digest.hexdigest()[:16], list(map(str, inputs)))
+
+
+def _parse_convo(r: dict, where: str) -> Conversation:
+    ids = require(r, "token_ids", list, where)
+    if not ids:
+        raise CartError(f"{where}: field 'token_ids' is empty")
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise CartError(f"{where}: field 'token_ids' must hold non-negative integers")
+    targets = require(r, "targets", dict, where)
+    positions = require(targets, "positions", list, where + ": targets")
+    cand_ids = require(targets, "ids", list, where + ": targets")
+    cand_lps = require(targets, "logprobs", list, where + ": targets")
+    if not (len(positions) == len(cand_ids) == len(cand_lps)):
+        raise CartError(f"{where}: targets.positions, targets.ids and targets.logprobs differ "
+                        f"in length ({len(positions)}, {len(cand_ids)}, {len(cand_lps)})")
+    for j, pos in enumerate(positions):
+        if not isinstance(pos, int) or not 0 < pos < len(ids):
+            raise CartError(f"{where}: targets.positions[{j}] = {pos!r} is outside 1..{len(ids) - 1}")
+        c, lp = cand_ids[j], cand_lps[j]
+        if not (isinstance(c, list) and isinstance(lp, list) and c and len(c) == len(lp)):
+            raise CartError(f"{where}: targets.ids[{j}] and targets.logprobs[{j}] must be "
+                            "non-empty lists of equal length")
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x <= 1e-6
+                   for x in lp):
+            raise CartError(f"{where}: targets.logprobs[{j}] must hold log-probabilities (<= 0)")
+    return Conversation(str(r.get("id", where)), ids, positions, cand_ids, cand_lps)
+
+
+# -- packing and batches ---------------------------------------------------------------------------
+def pack(order: Sequence[int], lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Greedy packing in order: a row takes conversations until the next does not fit; a
+    conversation longer than ``seq_len`` gets a row of its own."""
+    rows: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i in order:
+        n = lengths[i]
+        if current and used + n > seq_len:
+            rows.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        rows.append(current)
+    return rows
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(f"{seed}:distill-epoch:{epoch}").shuffle(order)
+    return order
+
+
+def row_stream(lengths: Sequence[int], cfg: DistillConfig) -> Iterator[list[int]]:
+    """Packed rows, epoch after epoch (each a fresh shuffle), forever. The stream does not
+    depend on --steps/--epochs, so a run can be extended and resumed exactly."""
+    epoch = 0
+    while True:
+        yield from pack(epoch_order(len(lengths), cfg.seed, epoch), lengths, cfg.seq_len)
+        epoch += 1
+
+
+def plan_steps(lengths: Sequence[int], cfg: DistillConfig) -> list[list[list[int]]]:
+    """The rows of every optimizer step. With --steps, that many full steps; otherwise the
+    rows of --epochs epochs (the last step may be smaller)."""
+    stream = row_stream(lengths, cfg)
+    if cfg.steps is not None:
+        return [[next(stream) for _ in range(cfg.batch_size)] for _ in range(cfg.steps)]
+    rows_per_epoch = [len(pack(epoch_order(len(lengths), cfg.seed, e), lengths, cfg.seq_len))
+                      for e in range(cfg.epochs)]
+    rows = [next(stream) for _ in range(sum(rows_per_epoch))]
+    return [rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+
+
+def split_step(rows: list[list[int]], world: int, accum: int) -> list[list[list[list[int]]]]:
+    """``[micro][rank] -> rows``: row j goes to micro-step j % accum... round-robin over
+    (micro, rank) so every part gets a near-equal share."""
+    parts = [[[] for _ in range(world)] for _ in range(accum)]
+    for j, row in enumerate(rows):
+        slot = j % (world * accum)
+        parts[slot // world][slot % world].append(row)
+    return parts
+
+
+@dataclass
+class Batch:
+    input_ids: Any  # [B, T]
+    position_ids: Any  # [B, T]
+    mask: Any  # [B, 1, T, p + T] bool, True = may attend
+    target_rows: Any  # [N] row of each target
+    target_cols: Any  # [N] column whose output predicts the target
+    cand_ids: Any  # [N, K]
+    cand_probs: Any  # [N, K] teacher probabilities renormalised over the kept set (0 = padding)
+    next_ids: Any  # [N] the token actually in the conversation (ntp)
+    num_tokens: int
+    num_targets: int
+
+
+def make_batch(rows: list[list[int]], convos: Sequence[Conversation], p: int, pad_id: int,
+               device: Any) -> Batch:
+    import torch
+
+    if not rows:  # a process with nothing to do this micro-step still joins the collective
+        rows_t: list[list[Conversation]] = [[]]
+    else:
+        rows_t = [[convos[i] for i in row] for row in rows]
+    width = max(1, max(sum(len(c.token_ids) for c in row) for row in rows_t))
+    b = len(rows_t)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    position_ids = torch.full((b, width), p, dtype=torch.long)
+    segment = torch.full((b, width), -1, dtype=torch.long)
+    t_rows, t_cols, cands, probs, nexts = [], [], [], [], []
+    tokens = 0
+    for r, row in enumerate(rows_t):
+        offset = 0
+        for s, c in enumerate(row):
+            n = len(c.token_ids)
+            input_ids[r, offset:offset + n] = torch.tensor(c.token_ids)
+            position_ids[r, offset:offset + n] = torch.arange(p, p + n)
+            segment[r, offset:offset + n] = s
+            for pos, ids, lps in zip(c.positions, c.cand_ids, c.cand_logprobs):
+                t_rows.append(r)
+                t_cols.append(offset + pos - 1)
+                q = torch.tensor(lps, dtype=torch.float64).exp()
+                cands.append(ids)
+                probs.append((q / q.sum()).tolist())
+                nexts.append(c.token_ids[pos])
+            offset += n
+            tokens += n
+    k = max((len(c) for c in cands), default=1)
+    cand_ids = torch.zeros((len(cands), k), dtype=torch.long)
+    cand_probs = torch.zeros((len(cands), k), dtype=torch.float32)
+    for j, (c, q) in enumerate(zip(cands, probs)):
+        cand_ids[j, :len(c)] = torch.tensor(c)
+        cand_probs[j, :len(q)] = torch.tensor(q)
+    # the cartridge is visible to every query; a token sees the earlier tokens of its own
+    # conversation only (causal within a segment, nothing across segments or from padding)
+    same = segment.unsqueeze(2) == segment.unsqueeze(1)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    tokens_mask = same & causal & (segment.unsqueeze(1) >= 0)
+    mask = torch.cat([torch.ones((b, width, p), dtype=torch.bool), tokens_mask], dim=2).unsqueeze(1)
+    return Batch(input_ids.to(device), position_ids.to(device), mask.to(device),
+                 torch.tensor(t_rows, dtype=torch.long, device=device),
+                 torch.tensor(t_cols, dtype=torch.long, device=device),
+                 cand_ids.to(device), cand_probs.to(device),
+                 torch.tensor(nexts, dtype=torch.long, device=device), tokens, len(cands))
+
+
+# -- the trainable cartridge ----------------------------------------------------------------------
+def _module_class():
+    import torch
+    from torch import nn
+
+    class TrainableCartridge(nn.Module):
+        """The cartridge's trainable keys/values as parameters; the sink and the model are
+        held outside the module's parameters (frozen, never handed to the optimizer)."""
+
+        def __init__(self, cart, model, objective: str, dtype: str):
+            super().__init__()
+            self.keys = nn.ParameterList([nn.Parameter(k.detach().float().clone()) for k in cart.keys])
+            self.values = nn.ParameterList([nn.Parameter(v.detach().float().clone()) for v in cart.values])
+            # plain attributes: not parameters or buffers, so DDP neither syncs nor trains them
+            object.__setattr__(self, "frozen_keys", [k.detach().float().clone() for k in cart.frozen_keys])
+            object.__setattr__(self, "frozen_values", [v.detach().float().clone() for v in cart.frozen_values])
+            object.__setattr__(self, "model", model)
+            self.objective = objective
+            self.compute_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+
+        def move_frozen(self, device):
+            object.__setattr__(self, "frozen_keys", [k.to(device) for k in self.frozen_keys])
+            object.__setattr__(self, "frozen_values", [v.to(device) for v in self.frozen_values])
+
+        def forward(self, batch: Batch, scale: float):
+            """Sum of the per-target losses times ``scale``, and the unscaled sums (loss, kl)."""
+            from transformers import DynamicCache
+
+            model = self.model
+            device = batch.input_ids.device
+            b = batch.input_ids.shape[0]
+            autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                                      enabled=self.compute_dtype == torch.bfloat16)
+            with autocast:
+                cache = DynamicCache(config=model.config)
+                for i in range(len(self.keys)):
+                    k = torch.cat([self.frozen_keys[i], self.keys[i]], dim=1).to(self.compute_dtype)
+                    v = torch.cat([self.frozen_values[i], self.values[i]], dim=1).to(self.compute_dtype)
+                    cache.update(k.unsqueeze(0).expand(b, -1, -1, -1),
+                                 v.unsqueeze(0).expand(b, -1, -1, -1), i)
+                hidden = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                     attention_mask=batch.mask, past_key_values=cache,
+                                     use_cache=True).last_hidden_state
+                # the LM head only where a target is: full-vocabulary logits everywhere would
+                # cost hundreds of MB for nothing
+                picked = hidden[batch.target_rows, batch.target_cols]
+                logits = model.lm_head(picked)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            if batch.num_targets == 0:
+                zero = logp.sum() * 0.0 + sum(p.sum() for p in self.parameters()) * 0.0
+                return zero, 0.0, 0.0
+            if self.objective == "ntp":
+                nll = -logp.gather(1, batch.next_ids.unsqueeze(1)).squeeze(1)
+                loss_sum = nll.sum()
+                kl_sum = loss_sum.detach()
+            else:
+                student = logp.gather(1, batch.cand_ids)
+                q = batch.cand_probs
+                loss_sum = -(q * student).sum()
+                entropy = -(q * torch.where(q > 0, q.log(), torch.zeros_like(q))).sum()
+                kl_sum = (loss_sum.detach() - entropy)
+            return loss_sum * scale, float(loss_sum.detach()), float(kl_sum)
+
+        def cartridge(self, metadata: dict[str, Any]):
+            from cart.cartridge import Cartridge
+
+            return Cartridge([k.detach().cpu().clone() for k in self.frozen_keys],
+                             [v.detach().cpu().clone() for v in self.frozen_values],
+                             [k.detach().cpu().clone() for k in self.keys],
+                             [v.detach().cpu().clone() for v in self.values], metadata)
+
+    return TrainableCartridge
+
+
+# -- initialisation --------------------------------------------------------------------------------
+def initial_cartridge(cfg: DistillConfig, data: ConvoSet, model: Any, tokenizer: Any, identity,
+                      console: Console):
+    """The starting cartridge and a description of where it came from (for the metadata)."""
+    import torch
+
+    from cart.cartridge import Cartridge
+    from cart.kvcache import cartridge_from_tokens
+
+    p, frozen = cfg.tokens, cfg.frozen_tokens
+    if cfg.init.endswith(".safetensors"):
+        cart = Cartridge.load(cfg.init, expect=identity)
+        if cart.num_tokens != p or cart.num_frozen != frozen:
+            raise CartError(f"{cfg.init}: has p={cart.num_tokens} ({cart.num_frozen} frozen), "
+                            f"but -p/--tokens is {p} with {frozen} frozen (give -p {cart.num_tokens})")
+        cart = Cartridge([t.float() for t in cart.frozen_keys], [t.float() for t in cart.frozen_values],
+                         [t.float() for t in cart.keys], [t.float() for t in cart.values])
+        from cart.cartridge import read_metadata
+
+        previous = read_metadata(cfg.init)
+        return cart, {"kind": "cartridge", "source": str(cfg.init),
+                      "sha256": sha256_hex(Path(cfg.init).read_bytes())[:16],
+                      "corpus_hash": previous.get("corpus_hash"), "steps": previous.get("steps"),
+                      "init": previous.get("init")}
+    if cfg.init == "corpus":
+        if not data.head_ids:
+            raise CartError("--init corpus: the conversations carry no corpus head (cart synth "
+                            "stores it in conversation 0 when it reads the corpus or a chunk "
+                            "that starts it); use --init text --init-text CORPUS, or "
+                            "--init random-tokens")
+        if len(data.head_ids) < p:
+            raise CartError(f"--init corpus: the corpus provides {len(data.head_ids)} tokens, fewer "
+                            f"than -p/--tokens {p} (lower -p, or --init random-tokens)")
+        ids = data.head_ids[:p]
+        info = {"kind": "corpus", "source": data.head_source, "tokens": p}
+    elif cfg.init == "text":
+        path = Path(cfg.init_text)
+        if not path.is_file():
+            raise CartError(f"{path}: --init-text file not found")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise CartError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        all_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(all_ids) < p:
+            raise CartError(f"{path}: --init-text provides {len(all_ids)} tokens, fewer than "
+                            f"-p/--tokens {p}")
+        ids = list(all_ids[:p])
+        info = {"kind": "text", "source": str(path), "tokens": p,
+                "text_sha256": sha256_hex(path.read_bytes())[:16]}
+    else:  # random tokens (ablation), also the basis of random vectors
+        gen = torch.Generator().manual_seed(cfg.seed)
+        ids = torch.randint(0, int(model.config.vocab_size), (p,), generator=gen).tolist()
+        info = {"kind": cfg.init, "seed": cfg.seed}
+    device = next(model.parameters()).device
+    cart = cartridge_from_tokens(model, torch.tensor(ids, device=device), frozen)
+    cart = Cartridge(*([t.float().cpu() for t in group] for group in
+                       (cart.frozen_keys, cart.frozen_values, cart.keys, cart.values)))
+    if cfg.init == "random-vectors":
+        # Gaussian vectors with the per-(layer, head, dim) mean and spread of real KV (the
+        # KV of random tokens), so their scale is one attention is used to; the sink stays the
+        # real KV of the first token
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+        def noise(t):
+            mean, std = t.mean(dim=1, keepdim=True), t.std(dim=1, keepdim=True)
+            return mean + std * torch.randn(t.shape, generator=gen)
+
+        cart.keys = [noise(k) for k in cart.keys]
+        cart.values = [noise(v) for v in cart.values]
+    return cart, info
+
+
+# -- distributed -----------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+def run_fingerprint(cfg: DistillConfig, data: ConvoSet, init_info: dict[str, Any]) -> str:
+    """What makes two runs the same run: data, init and every setting that changes the
+    parameters -- except --steps/--epochs (a longer run continues a shorter one) and the
+    runtime (device, the number of processes, --save-every)."""
+    d = asdict(cfg)
+    for k in ("steps", "epochs", "device", "save_every"):
+        d.pop(k)
+    return sha256_hex(dumps([d, data.digest, init_info]).decode())[:16]
+
+
+def save_checkpoint(path: Path, module, optimizer, step: int, fingerprint: str,
+                    totals: dict[str, float]) -> None:
+    import json
+
+    from safetensors.torch import save
+
+    from cart.io import atomic_write_bytes
+
+    tensors = {}
+    for i, (k, v) in enumerate(zip(module.keys, module.values)):
+        tensors[f"param.{i}.keys"] = k.detach().cpu().contiguous()
+        tensors[f"param.{i}.values"] = v.detach().cpu().contiguous()
+    state = optimizer.state_dict()
+    adam_steps = {}
+    for pid, s in state["state"].items():
+        tensors[f"adam.{pid}.exp_avg"] = s["exp_avg"].cpu().contiguous()
+        tensors[f"adam.{pid}.exp_avg_sq"] = s["exp_avg_sq"].cpu().contiguous()
+        adam_steps[str(pid)] = float(s["step"])
+    meta = {"format": "cart.distill-checkpoint/1", "step": str(step), "fingerprint": fingerprint,
+            "adam_steps": json.dumps(adam_steps), "totals": json.dumps(totals)}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def load_checkpoint(path: Path, module, optimizer, fingerprint: str) -> tuple[int, dict[str, float]]:
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "cart.distill-checkpoint/1":
+                raise CartError(f"{path}: not a cart distill checkpoint")
+            if meta.get("fingerprint") != fingerprint:
+                raise CartError(f"{path}: checkpoint of another run (different data, init or "
+                                "settings); delete it to start over")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except CartError:
+        raise
+    except Exception as e:  # a torn or foreign file
+        raise CartError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                        "delete it to start over") from None
+    with torch.no_grad():
+        for i, (k, v) in enumerate(zip(module.keys, module.values)):
+            k.copy_(tensors[f"param.{i}.keys"])
+            v.copy_(tensors[f"param.{i}.values"])
+    adam_steps = json.loads(meta["adam_steps"])
+    state = optimizer.state_dict()
+    for pid_text, step in adam_steps.items():
+        pid = int(pid_text)
+        state["state"][pid] = {"step": torch.tensor(step),
+                               "exp_avg": tensors[f"adam.{pid}.exp_avg"],
+                               "exp_avg_sq": tensors[f"adam.{pid}.exp_avg_sq"]}
+    optimizer.load_state_dict(state)
+    return int(meta["step"]), json.loads(meta["totals"])
+
+
+# -- the job ---------------------------------------------------------------------------------------
+def resolve_device(device: str, dist_local_rank: int = 0) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return f"cuda:{dist_local_rank}" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(dtype: str, device: str) -> str:
+    """``auto``: bfloat16 autocast on GPUs and on CPUs with native bfloat16 arithmetic
+    (AVX512-BF16 / AMX); float32 elsewhere -- without them bfloat16 matrix products are
+    emulated, about 100x slower than float32 (measured on this project's 2-core AVX2 machines)."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+def default_output_name(data: ConvoSet, cfg: DistillConfig) -> str:
+    corpus = (data.corpus or {}).get("hash") or data.digest
+    return f"cartridge-{corpus[:8]}-p{cfg.tokens}.safetensors"
+
+
+def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
+            output: str | None, checkpoint: str | None, log: str | None, console: Console):
+    """The whole ``cart distill`` job. Returns the trained Cartridge (rank 0) or None."""
+    import torch
+
+    from cart.models import ModelIdentity, load_model, load_tokenizer, resolve_model
+
+    probe_dist = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if probe_dist and "-" in inputs:
+        raise CartError("under torchrun, give conversation files (every process reads them), "
+                        "not stdin")
+    data = load_conversations(inputs, console)
+    if output == "auto":
+        output = default_output_name(data, cfg)
+        if Path(output).exists() and not (checkpoint or Path(output + ".ckpt").exists()):
+            raise CartError(f"{output} exists (the default name); give -o FILE to choose the "
+                            f"file, or -o {output} to replace it")
+        console.notice(f"cart: the cartridge goes to {output}")
+    if checkpoint is None and output not in (None, "-"):
+        checkpoint = output + ".ckpt"
+    ref = resolve_model(model_spec, console)
+    tokenizer = load_tokenizer(ref)
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist = init_distributed(device)
+    if dist.world > 1 and cfg.batch_size % (dist.world * cfg.grad_accum):
+        raise CartError(f"--batch-size ({cfg.batch_size}) must be a multiple of processes x "
+                        f"--grad-accum ({dist.world} x {cfg.grad_accum})")
+    model = load_model(ref, dtype="float32", device=device)
+    model.set_attn_implementation("sdpa")
+    identity = ModelIdentity.of(ref, model.config, tokenizer)
+    m = data.model
+    if (m["config_hash"], m["tokenizer_hash"]) != (identity.config_hash, identity.tokenizer_hash):
+        raise CartError(f"{data.sources[0]}: conversations from model {m['id']} (config "
+                        f"{m['config_hash']}, tokenizer {m['tokenizer_hash']}), not "
+                        f"{identity.model_id} (config {identity.config_hash}, tokenizer "
+                        f"{identity.tokenizer_hash}); give --model")
+    vocab = int(model.config.vocab_size)
+    for c in data.convos:
+        bad = [t for t in c.token_ids if t >= vocab] or [t for ids in c.cand_ids for t in ids if t >= vocab]
+        if bad:
+            raise CartError(f"conversation {c.id}: token id {bad[0]} outside the model's "
+                            f"vocabulary ({vocab})")
+    max_len = max(len(c.token_ids) for c in data.convos)
+    if cfg.tokens + max_len > identity_context(model):
+        raise CartError(f"-p/--tokens {cfg.tokens} + the longest conversation ({max_len} tokens) "
+                        f"exceeds the model's context of {identity_context(model)} tokens")
+
+    cart, init_info = initial_cartridge(cfg, data, model, tokenizer, identity, console)
+    dtype = compute_dtype(cfg.dtype, device)
+    module = _module_class()(cart, model, cfg.objective, dtype).to(device)
+    module.move_frozen(device)
+    trained = module
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(module, device_ids=[device] if device.startswith("cuda") else None)
+    optimizer = torch.optim.Adam(module.parameters(), lr=cfg.lr)
+
+    lengths = [len(c.token_ids) for c in data.convos]
+    steps = plan_steps(lengths, cfg)
+    fingerprint = run_fingerprint(cfg, data, init_info)
+    ckpt_path = Path(checkpoint) if checkpoint else None
+    start_step, totals = 0, {"tokens": 0, "targets": 0, "seconds": 0.0}
+    if ckpt_path is not None and ckpt_path.exists():
+        start_step, totals = load_checkpoint(ckpt_path, module, optimizer, fingerprint)
+        if start_step > len(steps):
+            raise CartError(f"{ckpt_path}: holds {start_step} steps, more than this run's "
+                            f"{len(steps)} (raise --steps/--epochs or delete it)")
+        console.info(f"resuming from {ckpt_path} at step {start_step} of {len(steps)}")
+    log_file = None
+    if log is not None and dist.main:
+        kept = _log_lines_upto(Path(log), start_step) if start_step else []
+        log_file = open(log, "w", encoding="utf-8")  # a resumed run keeps the steps it keeps
+        log_file.writelines(kept)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    last_loss = float("nan")
+    try:
+        with console.progress() as progress:
+            task = progress.add_task("distill", total=len(steps), completed=start_step, status="")
+            for step in range(start_step, len(steps)):
+                started = time.perf_counter()
+                rows = steps[step]
+                step_targets = sum(len(data.convos[i].positions) for row in rows for i in row)
+                step_tokens = sum(lengths[i] for row in rows for i in row)
+                scale = dist.world / max(step_targets, 1)  # DDP averages over processes
+                parts = split_step(rows, dist.world, cfg.grad_accum)
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum = kl_sum = 0.0
+                for micro, per_rank in enumerate(parts):
+                    batch = make_batch(per_rank[dist.rank], data.convos, cfg.tokens, pad_id, device)
+                    sync = micro == len(parts) - 1 or dist.world == 1
+                    ctx = trained.no_sync() if (dist.world > 1 and not sync) else _null()
+                    with ctx:
+                        loss, l_sum, k_sum = trained(batch, scale)
+                        loss.backward()
+                    loss_sum += l_sum
+                    kl_sum += k_sum
+                if dist.world > 1:
+                    sums = torch.tensor([loss_sum, kl_sum], dtype=torch.float64)
+                    torch.distributed.all_reduce(sums)
+                    loss_sum, kl_sum = sums.tolist()
+                optimizer.step()
+                seconds = time.perf_counter() - started
+                last_loss = loss_sum / max(step_targets, 1)
+                totals["tokens"] += step_tokens
+                totals["targets"] += step_targets
+                totals["seconds"] += seconds
+                record = {"step": step + 1, "loss": round(last_loss, 6),
+                          "kl": round(kl_sum / max(step_targets, 1), 6), "tokens": step_tokens,
+                          "targets": step_targets, "rows": len(rows), "lr": cfg.lr,
+                          "tokens_per_s": round(step_tokens / seconds, 1),
+                          "seconds": round(seconds, 3), "total_tokens": totals["tokens"]}
+                if log_file is not None:
+                    log_file.write(dumps(record).decode())
+                    log_file.flush()
+                progress.update(task, completed=step + 1,
+                                status=f"loss {last_loss:.3f}  {step_tokens / seconds:.0f} tok/s")
+                done = step + 1
+                if ckpt_path is not None and dist.main and (done % cfg.save_every == 0 or done == len(steps)):
+                    totals_out = {**totals, "last_loss": last_loss}
+                    save_checkpoint(ckpt_path, module, optimizer, done, fingerprint, totals_out)
+    finally:
+        if log_file is not None:
+            log_file.close()
+    if not steps or start_step == len(steps):
+        last_loss = totals.get("last_loss", last_loss)
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+        tdist.destroy_process_group()
+    if not dist.main:
+        return None
+    from cart import __version__
+
+    corpus = data.corpus or {}
+    metadata = {
+        "base_model": identity.model_id,
+        "model_config_hash": identity.config_hash,
+        "tokenizer_hash": identity.tokenizer_hash,
+        "corpus_hash": corpus.get("hash"),
+        "corpus_tokens": corpus.get("n_tokens"),
+        "corpus_paths": data.corpus_paths,
+        "init": init_info,
+        "synth": {**data.synth, "data_sha256": data.digest, "inputs": data.sources},
+        "training": {**asdict(cfg), "compute_dtype": dtype, "processes": dist.world, "device": device,
+                     "seconds": round(totals["seconds"], 1)},
+        "steps": len(steps),
+        "tokens": int(totals["tokens"]),
+        "loss": round(float(last_loss), 6) if math.isfinite(last_loss) else None,
+        "cart_version": __version__,
+    }
+    result = module.cartridge({k: v for k, v in metadata.items() if v is not None})
+    result.save(None if output in (None, "-") else output)
+    if ckpt_path is not None and ckpt_path.exists():
+        ckpt_path.unlink()  # the run is complete: its output replaces the checkpoint
+    console.info(f"{len(steps)} steps, {totals['tokens']} tokens, final loss {last_loss:.4f}, "
+                 f"{totals['tokens'] / max(totals['seconds'], 1e-9):.0f} tok/s"
+                 + (f" -> {output}" if output not in (None, "-") else ""))
+    return result
+
+
+def _log_lines_upto(path: Path, step: int) -> list[str]:
+    """The lines of an earlier log for steps 1..step (a killed run may have logged past its
+    last checkpoint; those steps are redone)."""
+    import json
+
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    return kept
+
+
+def identity_context(model: Any) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 1 << 30))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,491 @@
+"""cart distill on the tiny model: objective, packing, gradients, sink, resume, DDP, CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import torch
+
+from conftest import CART, one_line_error
+
+FACT_Q = "What is the secret code?"
+FACT_A = "The answer is forty two."
+
+
+# -- building conversations by hand -------------------------------------------------------------
+def _identity(model_dir):
+    from cart.models import ModelIdentity, load_config, load_tokenizer, resolve_model
+
+    ref = resolve_model(str(model_dir))
+    tok = load_tokenizer(ref)
+    return ref, tok, ModelIdentity.of(ref, load_config(ref), tok)
+
+
+def convo_record(tok, identity, question: str, answer: str, index: int = 0, teacher=None,
+                 head: list[int] | None = None) -> dict:
+    """A cart.convo/1 record; targets one-hot on the answer (or from ``teacher(ids, pos)``)."""
+    from cart.chat import render_ids
+    from cart.io import schema_id
+
+    answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
+    ids, spans = render_ids(tok, [{"role": "user", "content": question},
+                                  {"role": "assistant", "content": answer_ids}], False)
+    start, end = spans[0]
+    positions = list(range(start, end + 1))  # the answer and the end-of-turn token after it
+    cand_ids, cand_lps = [], []
+    for pos in positions:
+        if teacher is None:
+            cand_ids.append([ids[pos]])
+            cand_lps.append([0.0])
+        else:
+            c, lp = teacher(ids, pos)
+            cand_ids.append(c)
+            cand_lps.append(lp)
+    record = {"schema": schema_id("convo"), "id": f"convo-test-{index:06d}", "index": index,
+              "run": "test", "messages": [{"role": "user", "content": question},
+                                          {"role": "assistant", "content": answer}],
+              "token_ids": ids, "targets": {"positions": positions, "ids": cand_ids,
+                                            "logprobs": cand_lps},
+              "model": {"id": identity.model_id, "config_hash": identity.config_hash,
+                        "tokenizer_hash": identity.tokenizer_hash},
+              "corpus": {"hash": "feedfacecafebeef", "n_tokens": 500, "n_documents": 1},
+              "chunk": {"id": "chunk-x", "n_tokens": 10, "paths": ["corpus.txt"]}}
+    if head is not None:
+        record["corpus_head"] = {"ids": head, "source": "corpus"}
+    return record
+
+
+def random_teacher(seed: int, vocab: int):
+    gen = torch.Generator().manual_seed(seed)
+
+    def teacher(ids, pos):
+        logits = torch.randn(vocab, generator=gen)
+        lp = torch.log_softmax(logits, -1)
+        top = lp.topk(4)
+        return top.indices.tolist(), [round(x, 6) for x in top.values.tolist()]
+
+    return teacher
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    ref, tok, identity = _identity(tiny_model)
+    head = tok("Orbital freight ships dock at bay seven. " * 8, add_special_tokens=False)["input_ids"]
+    return tiny_model, tok, identity, head
+
+
+def write_convos(path: Path, records) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def convos(tmp_path, tiny):
+    model_dir, tok, identity, head = tiny
+    teacher = random_teacher(0, len(tok))
+    qs = ["Where do ships dock?", "Who founded the cooperative?", "How many bridges?",
+          "What is the tram line?", "Name a number.", "What year?"]
+    records = [convo_record(tok, identity, q, f"The answer is {n}.", i, teacher,
+                            head=head if i == 0 else None)
+               for i, (q, n) in enumerate(zip(qs, ["seven", "Voss", "four", "blue", "nine", "2091"]))]
+    return write_convos(tmp_path / "convos.jsonl", records)
+
+
+def env_for(cart_home):
+    env = {**os.environ, "CART_HOME": str(cart_home)}
+    env.pop("CART_DEBUG", None)
+    return env
+
+
+def load(path):
+    from cart.cartridge import Cartridge
+
+    return Cartridge.load(path)
+
+
+# -- the objective and packing -----------------------------------------------------------------
+def trainable(tiny, convos, p: int, objective: str = "kl"):
+    """(model, tokenizer, conversations, module) with a corpus-initialised cartridge of p."""
+    from cart.distill import DistillConfig, _module_class, initial_cartridge, load_conversations
+    from cart.io import Console
+    from cart.models import load_model, resolve_model
+
+    model_dir, tok, identity, head = tiny
+    model = load_model(resolve_model(str(model_dir)))
+    model.set_attn_implementation("sdpa")
+    data = load_conversations([str(convos)], Console(True))
+    cart, info = initial_cartridge(DistillConfig(tokens=p), data, model, tok, identity, Console(True))
+    assert info["kind"] == "corpus"
+    return model, tok, data, _module_class()(cart, model, objective, "float32")
+
+
+def test_packed_loss_equals_full_sequence_reference(tiny, convos):
+    """A cartridge made from the first p head tokens + a packed batch gives the same loss as the
+    model reading head + conversation as one sequence (positions, mask and targets right)."""
+    from cart.distill import make_batch
+
+    p, head = 12, tiny[3]
+    model, tok, data, module = trainable(tiny, convos, p)
+    packed = make_batch([[0, 1, 2], [3, 4], [5]], data.convos, p, tok.pad_token_id, "cpu")
+    loss, loss_sum, kl_sum = module(packed, 1.0)
+    ref_sum = ref_kl = 0.0
+    with torch.no_grad():
+        for c in data.convos:
+            logits = model(input_ids=torch.tensor([head[:p] + c.token_ids])).logits[0]
+            logp = torch.log_softmax(logits.float(), -1)
+            for pos, ids, lps in zip(c.positions, c.cand_ids, c.cand_logprobs):
+                q = torch.tensor(lps, dtype=torch.float64).exp()
+                q = (q / q.sum()).float()
+                student = logp[p + pos - 1, ids]
+                ref_sum += float(-(q * student).sum())
+                ref_kl += float((q * (q.log() - student)).sum())
+    assert loss_sum == pytest.approx(ref_sum, rel=1e-4)
+    assert kl_sum == pytest.approx(ref_kl, rel=1e-3, abs=1e-3)
+    # one conversation per row (padding) gives the same sums
+    padded = make_batch([[i] for i in range(6)], data.convos, p, tok.pad_token_id, "cpu")
+    _, pad_sum, _ = module(padded, 1.0)
+    assert pad_sum == pytest.approx(ref_sum, rel=1e-4)
+
+
+def test_only_the_cartridge_receives_gradients(tiny, convos):
+    from cart.distill import make_batch
+
+    model, tok, data, module = trainable(tiny, convos, 8)
+    loss, _, _ = module(make_batch([[0, 1]], data.convos, 8, tok.pad_token_id, "cpu"), 0.1)
+    loss.backward()
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+    params = list(module.parameters())
+    assert len(params) == 2 * model.config.num_hidden_layers
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    assert all(not t.requires_grad for t in module.frozen_keys + module.frozen_values)
+    assert [tuple(p.shape) for p in module.keys] == [(2, 7, 16)] * 2  # p-1 trainable positions
+
+
+def test_ntp_objective_is_cross_entropy_of_the_conversation(tiny, convos):
+    from cart.distill import make_batch
+
+    head = tiny[3]
+    model, tok, data, module = trainable(tiny, convos, 8, "ntp")
+    _, ntp_sum, _ = module(make_batch([[0]], data.convos, 8, tok.pad_token_id, "cpu"), 1.0)
+    c = data.convos[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([head[:8] + c.token_ids])).logits[0], -1)
+    ref = -sum(float(logp[8 + pos - 1, c.token_ids[pos]]) for pos in c.positions)
+    assert ntp_sum == pytest.approx(ref, rel=1e-4)
+
+
+def test_pack_and_plan():
+    from cart.distill import DistillConfig, pack, plan_steps, split_step
+
+    assert pack([0, 1, 2, 3], [5, 5, 12, 3], 10) == [[0, 1], [2], [3]]
+    cfg = DistillConfig(tokens=4, batch_size=2, seq_len=10, epochs=2)
+    steps = plan_steps([5, 5, 12, 3], cfg)
+    rows = [r for s in steps for r in s]
+    assert sorted(i for r in rows for i in r) == [0, 0, 1, 1, 2, 2, 3, 3]  # two epochs, all data
+    longer = plan_steps([5, 5, 12, 3], DistillConfig(tokens=4, batch_size=2, seq_len=10, steps=5))
+    assert longer[:2] == steps[:2] and len(longer) == 5  # --steps extends the same stream
+    assert split_step([[0], [1], [2], [3], [4]], 2, 2) == [[[[0], [4]], [[1]]], [[[2]], [[3]]]]
+
+
+# -- through the CLI -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sharp_tiny(tmp_path_factory):
+    """A tiny model whose weights are large enough (init std 0.2) to put most probability on
+    one token: the default tiny model's near-uniform outputs cannot express a learnt fact."""
+    from tiny import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path_factory.mktemp("sharp-tiny"), init_range=0.2)
+    _, tok, identity = _identity(model_dir)
+    head = tok("Orbital freight ships dock at bay seven. " * 8, add_special_tokens=False)["input_ids"]
+    return model_dir, tok, identity, head
+
+
+def test_cli_learns_a_fact_and_keeps_the_sink(tmp_path, sharp_tiny, run_cart):
+    """Distilled on one Q/A, the cartridge makes the model answer it; the sink is bit-identical
+    to the initial one and the trainable part moved."""
+    from cart.distill import DistillConfig, initial_cartridge, load_conversations
+    from cart.io import Console
+    from cart.models import load_model, resolve_model
+    from cart.scoring import Prefix, cartridge_prefix
+
+    model_dir, tok, identity, head = sharp_tiny
+    path = write_convos(tmp_path / "fact.jsonl", [convo_record(tok, identity, FACT_Q, FACT_A, head=head)])
+    out = tmp_path / "fact.safetensors"
+    proc = run_cart("distill", path, "-m", model_dir, "-p", 8, "--steps", 100, "--lr", 0.2,
+                    "--dtype", "float32", "-o", out)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == b"" and not (tmp_path / "fact.safetensors.ckpt").exists()
+    trained = load(out)
+    model = load_model(resolve_model(str(model_dir)))
+    init, _ = initial_cartridge(DistillConfig(tokens=8), load_conversations([str(path)], Console(True)),
+                                model, tok, identity, Console(True))
+    for a, b in zip(trained.frozen_keys + trained.frozen_values, init.frozen_keys + init.frozen_values):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(trained.keys, init.keys))
+
+    def answer(prefix):
+        from cart.scoring import generate
+
+        return generate(model, tok, prefix, {"question": FACT_Q}, 12)
+
+    assert "forty two" in answer(cartridge_prefix(trained, "trained"))
+    assert "forty two" not in answer(cartridge_prefix(init, "init"))
+    assert "forty two" not in answer(Prefix("none", None, 0))
+    md = trained.metadata
+    assert md["init"]["kind"] == "corpus" and md["steps"] == 100 and md["loss"] < 1.0
+    assert md["training"]["lr"] == 0.2 and md["corpus_hash"] == "feedfacecafebeef"
+
+
+def test_cli_stdin_to_stdout_pipe(tiny, convos, run_cart):
+    from cart.cartridge import Cartridge
+
+    model_dir = tiny[0]
+    proc = run_cart("distill", "-m", model_dir, "-p", 6, "--steps", 2, input=convos.read_bytes())
+    assert proc.returncode == 0, proc.stderr.decode()
+    cart = Cartridge.from_bytes(proc.stdout)
+    assert cart.num_tokens == 6 and cart.metadata["steps"] == 2
+    assert proc.stderr == b""  # nothing on a non-terminal stderr
+
+
+def test_cli_terminal_output_goes_to_a_named_file(tmp_path, tiny, convos, cart_home):
+    """Never binary onto a terminal: with stdout a tty and no -o, a default file is announced."""
+    import pty
+
+    model_dir = tiny[0]
+    pid, fd = pty.fork()
+    if pid == 0:  # child: stdout and stderr are the terminal
+        os.chdir(tmp_path)
+        os.execve(str(CART), [str(CART), "distill", str(convos), "-m", str(model_dir), "-p", "6",
+                              "--steps", "1"], env_for(cart_home))
+    output = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, output.decode(errors="replace")
+    files = list(tmp_path.glob("cartridge-*-p6.safetensors"))
+    assert len(files) == 1 and files[0].name == "cartridge-feedface-p6.safetensors"
+    assert f"the cartridge goes to {files[0].name}".encode() in output
+    assert b"\x00" not in output
+
+
+def test_cli_resume_after_kill_is_exact(tmp_path, tiny, convos, cart_home):
+    model_dir = tiny[0]
+    args = [str(CART), "distill", str(convos), "-m", str(model_dir), "-p", "6", "--steps", "40",
+            "--batch-size", "1", "--seq-len", "40", "--save-every", "1", "--dtype", "float32"]
+    whole = tmp_path / "whole.safetensors"
+    subprocess.run([*args, "-o", str(whole)], check=True, env=env_for(cart_home), capture_output=True)
+    resumed = tmp_path / "resumed.safetensors"
+    ckpt = Path(str(resumed) + ".ckpt")
+    log = tmp_path / "log.jsonl"
+    proc = subprocess.Popen([*args, "-o", str(resumed), "--log", str(log)], env=env_for(cart_home),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_bytes().splitlines()) >= 8:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not resumed.exists(), "the run finished before it could be killed"
+    subprocess.run([*args, "-o", str(resumed), "--log", str(log)], check=True, env=env_for(cart_home),
+                   capture_output=True)
+    a, b = load(whole), load(resumed)
+    for x, y in zip(a.keys + a.values, b.keys + b.values):
+        assert torch.equal(x, y)
+    steps = [orjson.loads(line)["step"] for line in log.read_bytes().splitlines()]
+    assert steps == list(range(1, 41))  # steps logged once each, across the kill
+    assert not ckpt.exists()
+
+
+def test_cli_init_variants(tmp_path, tiny, convos, run_cart):
+    model_dir = tiny[0]
+    out = {}
+    for init in ("random-tokens", "random-vectors"):
+        out[init] = tmp_path / f"{init}.safetensors"
+        proc = run_cart("distill", convos, "-m", model_dir, "-p", 6, "--steps", 1, "--init", init,
+                        "-o", out[init])
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert load(out[init]).metadata["init"]["kind"] == init
+    text = tmp_path / "init.txt"
+    text.write_text("Meridian Falls has four bridges and a tram line. " * 3)
+    proc = run_cart("distill", convos, "-m", model_dir, "-p", 6, "--steps", 1, "--init", "text",
+                    "--init-text", text, "-o", tmp_path / "text.safetensors")
+    assert proc.returncode == 0, proc.stderr.decode()
+    # continue training from an existing cartridge: p comes from the file
+    cont = tmp_path / "continued.safetensors"
+    proc = run_cart("distill", convos, "-m", model_dir, "--steps", 1, "--init", out["random-tokens"],
+                    "-o", cont)
+    assert proc.returncode == 0, proc.stderr.decode()
+    c = load(cont)
+    assert c.num_tokens == 6 and c.metadata["init"]["kind"] == "cartridge"
+    assert torch.equal(c.frozen_keys[0], load(out["random-tokens"]).frozen_keys[0])
+
+
+def test_bfloat16_autocast_trains_a_float32_cartridge(tmp_path, tiny, convos, run_cart):
+    out = tmp_path / "bf16.safetensors"
+    proc = run_cart("distill", convos, "-m", tiny[0], "-p", 6, "--steps", 2, "--dtype", "bfloat16",
+                    "-o", out)
+    assert proc.returncode == 0, proc.stderr.decode()
+    cart = load(out)
+    assert cart.dtype == "float32" and cart.metadata["training"]["compute_dtype"] == "bfloat16"
+    assert all(torch.isfinite(t).all() for t in cart.keys + cart.values)
+
+
+def test_cli_info_shows_how_to_reproduce(tmp_path, tiny, convos, run_cart):
+    model_dir = tiny[0]
+    out = tmp_path / "c.safetensors"
+    assert run_cart("distill", convos, "-m", model_dir, "-p", 6, "--steps", 1, "-o", out).returncode == 0
+    proc = run_cart("info", out, "--json")
+    info = orjson.loads(proc.stdout)
+    md = info["metadata"] if "metadata" in info else info
+    text = orjson.dumps(md).decode()
+    for needle in ("\"init\"", "\"training\"", "\"synth\"", "\"lr\"", "\"seq_len\"", "data_sha256",
+                   "corpus_hash", "\"steps\""):
+        assert needle in text, needle
+
+
+# -- bad inputs ----------------------------------------------------------------------------------
+def test_convos_from_another_model_are_refused(tiny, other_tiny_model, convos, run_cart):
+    proc = run_cart("distill", convos, "-m", other_tiny_model, "-p", 6, "--steps", 1)
+    err = one_line_error(proc)
+    assert f"{convos}: conversations from model" in err and "give --model" in err
+
+
+def test_mixed_models_in_one_input_are_refused(tmp_path, tiny, other_tiny_model, run_cart):
+    model_dir, tok, identity, head = tiny
+    _, other_tok, other_identity = _identity(other_tiny_model)
+    path = write_convos(tmp_path / "mixed.jsonl", [
+        convo_record(tok, identity, FACT_Q, FACT_A, 0, head=head),
+        convo_record(other_tok, other_identity, FACT_Q, FACT_A, 1)])
+    err = one_line_error(run_cart("distill", path, "-m", model_dir, "-p", 6))
+    assert err.startswith(f"cart: error: {path}:2: conversation from model") and "distill one model's data" in err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "no conversations"),
+    (b"\n\n", "no conversations"),
+    (b'{"schema": "cart.chunk/1", "id": "x", "text": "y"}\n', ":1: expected a cart.convo/1 record, got cart.chunk/1"),
+    (b"{not json\n", ":1: invalid JSON"),
+])
+def test_bad_conversation_files(tmp_path, tiny, run_cart, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    err = one_line_error(run_cart("distill", path, "-m", tiny[0], "-p", 6))
+    assert message in err
+
+
+def test_bad_targets_are_named(tmp_path, tiny, run_cart):
+    model_dir, tok, identity, head = tiny
+    r = convo_record(tok, identity, FACT_Q, FACT_A, head=head)
+    r["targets"]["positions"][2] = 10_000
+    path = write_convos(tmp_path / "bad.jsonl", [r])
+    err = one_line_error(run_cart("distill", path, "-m", model_dir, "-p", 6))
+    assert err == f"cart: error: {path}:1: targets.positions[2] = 10000 is outside 1..{len(r['token_ids']) - 1}"
+
+
+def test_p_larger_than_the_init_text(tmp_path, tiny, convos, run_cart):
+    model_dir, tok, _, head = tiny
+    err = one_line_error(run_cart("distill", convos, "-m", model_dir, "-p", 500))
+    assert err == (f"cart: error: --init corpus: the corpus provides {len(head)} tokens, fewer than "
+                   "-p/--tokens 500 (lower -p, or --init random-tokens)")
+    text = tmp_path / "short.txt"
+    text.write_text("four bridges")
+    n = len(tok("four bridges", add_special_tokens=False)["input_ids"])
+    err = one_line_error(run_cart("distill", convos, "-m", model_dir, "-p", 50, "--init", "text",
+                                  "--init-text", text))
+    assert err == f"cart: error: {text}: --init-text provides {n} tokens, fewer than -p/--tokens 50"
+
+
+def test_no_corpus_head_says_what_to_do(tmp_path, tiny, run_cart):
+    model_dir, tok, identity, _ = tiny
+    path = write_convos(tmp_path / "nohead.jsonl", [convo_record(tok, identity, FACT_Q, FACT_A)])
+    err = one_line_error(run_cart("distill", path, "-m", model_dir, "-p", 6))
+    assert "carry no corpus head" in err and "--init text --init-text CORPUS" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-p", "1"], "-p/--tokens must be at least 2, got 1"),
+    (["--lr", "0"], "--lr must be a positive number, got 0.0"),
+    (["--objective", "mse"], "--objective must be one of kl, ntp, got 'mse'"),
+    (["--init", "zeros"], "--init must be corpus, random-tokens, random-vectors, text or a .safetensors"),
+    (["--init", "text"], "--init text needs --init-text FILE"),
+    (["--batch-size", "3", "--grad-accum", "2"], "--batch-size (3) must be a multiple of --grad-accum (2)"),
+    (["--init", "missing.safetensors"], "missing.safetensors: no such cartridge file"),
+])
+def test_bad_settings(tiny, convos, run_cart, args, message):
+    err = one_line_error(run_cart("distill", convos, "-m", tiny[0], *args))
+    assert message in err
+
+
+def test_existing_output_survives_a_failed_run(tmp_path, tiny, convos, run_cart):
+    out = tmp_path / "keep.safetensors"
+    out.write_bytes(b"precious")
+    one_line_error(run_cart("distill", convos, "-m", tiny[0], "-p", 500, "-o", out))
+    assert out.read_bytes() == b"precious"
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path, tiny, convos, run_cart):
+    model_dir = tiny[0]
+    ckpt = tmp_path / "run.ckpt"
+    proc = run_cart("distill", convos, "-m", model_dir, "-p", 6, "--steps", 3, "--save-every", 1,
+                    "--checkpoint", ckpt, "-o", tmp_path / "a.safetensors")
+    assert proc.returncode == 0
+    # the run removes its checkpoint when done; make one and change a setting
+    proc = subprocess.Popen([str(CART), "distill", str(convos), "-m", str(model_dir), "-p", "6",
+                             "--steps", "10000", "--save-every", "1", "--checkpoint", str(ckpt),
+                             "-o", str(tmp_path / "b.safetensors")],
+                            env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    err = one_line_error(run_cart("distill", convos, "-m", model_dir, "-p", 6, "--lr", 0.1,
+                                  "--checkpoint", ckpt, "-o", tmp_path / "b.safetensors"))
+    assert err == (f"cart: error: {ckpt}: checkpoint of another run (different data, init or "
+                   "settings); delete it to start over")
+
+
+# -- distributed ---------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_match_one(tmp_path, tiny, convos, cart_home):
+    """Same global batch (4 rows): 2 gloo processes x 1 micro-step == 1 process x 2 micro-steps."""
+    model_dir = tiny[0]
+    common = [str(convos), "-m", str(model_dir), "-p", "6", "--steps", "5", "--batch-size", "4",
+              "--seq-len", "30", "--dtype", "float32"]
+    one = tmp_path / "one.safetensors"
+    subprocess.run([str(CART), "distill", *common, "--grad-accum", "2", "-o", str(one)], check=True,
+                   env=env_for(cart_home), capture_output=True)
+    two = tmp_path / "two.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(_free_port()), "-m", "cart",
+                           "distill", *common, "-o", str(two)],
+                          env={**env_for(cart_home), "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    a, b = load(one), load(two)
+    assert b.metadata["training"]["processes"] == 2
+    worst = max(float((x - y).abs().max()) for x, y in zip(a.keys + a.values, b.keys + b.values))
+    print(f"2 processes vs 1 (grad-accum 2), 5 Adam steps: max |difference| {worst:.2e}")
+    assert worst < 1e-5, worst
+    assert a.metadata["loss"] == pytest.approx(b.metadata["loss"], rel=1e-5)
