@@ -242,7 +242,7 @@ def distill_command(
     from cart.cartridge import read_metadata
     from cart.config import resolve
     from cart.distill import DistillConfig, distill
-    from cart.io import Console
+    from cart.io import Console, check_output_path
 
     console = Console(quiet)
     if tokens is None and init is not None and init.endswith(".safetensors") and Path(init).is_file():
@@ -257,14 +257,9 @@ def distill_command(
         inputs = ["-"]
     if output is None and sys.stdout.isatty():
         output = "auto"  # never binary onto a terminal: a file named after the corpus
-    if output not in (None, "-", "auto"):
-        target = Path(output)
-        if target.is_dir():
-            raise CartError(f"{target}: is a directory, expected an output file name")
-        if not target.parent.exists():
-            raise CartError(f"{target}: directory {target.parent} does not exist")
-    if log is not None and not Path(log).parent.exists():
-        raise CartError(f"{log}: directory {Path(log).parent} does not exist")
+    for path in (output, log):  # fail now, not after training
+        if path not in (None, "-", "auto"):
+            check_output_path(path)
     distill(inputs, cfg, model, output, checkpoint, log, console)
 
 

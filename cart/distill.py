@@ -24,6 +24,7 @@ its loss is the sum over its target tokens divided by their number, whatever the
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -344,7 +345,7 @@ def _module_class():
 
         def forward(self, batch: Batch, scale: float):
             """Sum of the per-target losses times ``scale``, and the unscaled sums (loss, kl)."""
-            from transformers import DynamicCache
+            from cart.kvcache import cache_from_kv
 
             model = self.model
             device = batch.input_ids.device
@@ -352,12 +353,9 @@ def _module_class():
             autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                                       enabled=self.compute_dtype == torch.bfloat16)
             with autocast:
-                cache = DynamicCache(config=model.config)
-                for i in range(len(self.keys)):
-                    k = torch.cat([self.frozen_keys[i], self.keys[i]], dim=1).to(self.compute_dtype)
-                    v = torch.cat([self.frozen_values[i], self.values[i]], dim=1).to(self.compute_dtype)
-                    cache.update(k.unsqueeze(0).expand(b, -1, -1, -1),
-                                 v.unsqueeze(0).expand(b, -1, -1, -1), i)
+                kv = [(torch.cat([fk, k], dim=1), torch.cat([fv, v], dim=1)) for fk, k, fv, v in
+                      zip(self.frozen_keys, self.keys, self.frozen_values, self.values)]
+                cache = cache_from_kv(model, kv, b, self.compute_dtype)
                 hidden = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
                                      attention_mask=batch.mask, past_key_values=cache,
                                      use_cache=True).last_hidden_state
@@ -403,15 +401,13 @@ def initial_cartridge(cfg: DistillConfig, data: ConvoSet, model: Any, tokenizer:
 
     p, frozen = cfg.tokens, cfg.frozen_tokens
     if cfg.init.endswith(".safetensors"):
-        cart = Cartridge.load(cfg.init, expect=identity)
-        if cart.num_tokens != p or cart.num_frozen != frozen:
-            raise CartError(f"{cfg.init}: has p={cart.num_tokens} ({cart.num_frozen} frozen), "
-                            f"but -p/--tokens is {p} with {frozen} frozen (give -p {cart.num_tokens})")
-        cart = Cartridge([t.float() for t in cart.frozen_keys], [t.float() for t in cart.frozen_values],
-                         [t.float() for t in cart.keys], [t.float() for t in cart.values])
-        from cart.cartridge import read_metadata
-
-        previous = read_metadata(cfg.init)
+        loaded = Cartridge.load(cfg.init, expect=identity)
+        if loaded.num_tokens != p or loaded.num_frozen != frozen:
+            raise CartError(f"{cfg.init}: has p={loaded.num_tokens} ({loaded.num_frozen} frozen), "
+                            f"but -p/--tokens is {p} with {frozen} frozen (give -p {loaded.num_tokens})")
+        cart = Cartridge(*([t.float() for t in group] for group in
+                           (loaded.frozen_keys, loaded.frozen_values, loaded.keys, loaded.values)))
+        previous = loaded.metadata
         return cart, {"kind": "cartridge", "source": str(cfg.init),
                       "sha256": sha256_hex(Path(cfg.init).read_bytes())[:16],
                       "corpus_hash": previous.get("corpus_hash"), "steps": previous.get("steps"),
@@ -559,14 +555,6 @@ def load_checkpoint(path: Path, module, optimizer, fingerprint: str) -> tuple[in
 
 
 # -- the job ---------------------------------------------------------------------------------------
-def resolve_device(device: str, dist_local_rank: int = 0) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return f"cuda:{dist_local_rank}" if torch.cuda.is_available() else "cpu"
-
-
 def compute_dtype(dtype: str, device: str) -> str:
     """``auto``: bfloat16 autocast on GPUs and on CPUs with native bfloat16 arithmetic
     (AVX512-BF16 / AMX); float32 elsewhere -- without them bfloat16 matrix products are
@@ -592,7 +580,8 @@ def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
     """The whole ``cart distill`` job. Returns the trained Cartridge (rank 0) or None."""
     import torch
 
-    from cart.models import ModelIdentity, load_model, load_tokenizer, resolve_model
+    from cart.models import (ModelIdentity, context_length, load_model, load_tokenizer,
+                             resolve_device, resolve_model)
 
     probe_dist = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if probe_dist and "-" in inputs:
@@ -630,9 +619,10 @@ def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
             raise CartError(f"conversation {c.id}: token id {bad[0]} outside the model's "
                             f"vocabulary ({vocab})")
     max_len = max(len(c.token_ids) for c in data.convos)
-    if cfg.tokens + max_len > identity_context(model):
+    context = context_length(model.config)
+    if cfg.tokens + max_len > context:
         raise CartError(f"-p/--tokens {cfg.tokens} + the longest conversation ({max_len} tokens) "
-                        f"exceeds the model's context of {identity_context(model)} tokens")
+                        f"exceeds the model's context of {context} tokens")
 
     cart, init_info = initial_cartridge(cfg, data, model, tokenizer, identity, console)
     dtype = compute_dtype(cfg.dtype, device)
@@ -678,7 +668,7 @@ def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
                 for micro, per_rank in enumerate(parts):
                     batch = make_batch(per_rank[dist.rank], data.convos, cfg.tokens, pad_id, device)
                     sync = micro == len(parts) - 1 or dist.world == 1
-                    ctx = trained.no_sync() if (dist.world > 1 and not sync) else _null()
+                    ctx = trained.no_sync() if (dist.world > 1 and not sync) else contextlib.nullcontext()
                     with ctx:
                         loss, l_sum, k_sum = trained(batch, scale)
                         loss.backward()
@@ -767,13 +757,3 @@ def _log_lines_upto(path: Path, step: int) -> list[str]:
     return kept
 
 
-def identity_context(model: Any) -> int:
-    return int(getattr(model.config, "max_position_embeddings", 1 << 30))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -161,13 +161,8 @@ def atomic_output(path: str | os.PathLike | None) -> Iterator[IO[bytes]]:
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
         return
-    target = Path(path)
-    if target.is_dir():
-        raise CartError(f"{target}: is a directory, expected an output file name")
-    parent = target.parent
-    if not parent.exists():
-        raise CartError(f"{target}: directory {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+    target = check_output_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -178,6 +173,17 @@ def atomic_output(path: str | os.PathLike | None) -> Iterator[IO[bytes]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """An output file name that can be written: not a directory, in a directory that exists.
+    Stages call it before long work, so a bad ``-o`` fails at once, not after hours."""
+    target = Path(path)
+    if target.is_dir():
+        raise CartError(f"{target}: is a directory, expected an output file name")
+    if not target.parent.exists():
+        raise CartError(f"{target}: directory {target.parent} does not exist")
+    return target
 
 
 def write_jsonl(records: Iterable[Any], path: str | os.PathLike | None) -> int:

@@ -6,6 +6,7 @@ position ``p``, which is what transformers does by default for a cache of length
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from cart.cartridge import Cartridge
@@ -48,11 +49,18 @@ def cache_from_cartridge(cart: Cartridge, model: Any, batch_size: int = 1,
 
     A forward pass extends the cache in place, so build one per request/step.
     """
+    return cache_from_kv(model, [cart.layer(i) for i in range(cart.num_layers)], batch_size, dtype)
+
+
+def cache_from_kv(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
+                  batch_size: int = 1, dtype: torch.dtype | None = None):
+    """A fresh DynamicCache holding per-layer ``[kv_heads, n, head_dim]`` keys and values (none:
+    an empty cache), shared across a batch by ``expand`` -- a view, so gradients flow back to
+    trainable K/V. A forward pass appends by concatenation and never writes into them."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    for i in range(cart.num_layers):
-        k, v = cart.layer(i)
+    for i, (k, v) in enumerate(kv or ()):
         if dtype is not None:
             k, v = k.to(dtype), v.to(dtype)
         cache.update(k.unsqueeze(0).expand(batch_size, -1, -1, -1),

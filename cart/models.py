@@ -278,6 +278,23 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def resolve_device(device: str, cuda_index: int | None = None) -> str:
+    """``auto`` -> cuda when available (``cuda:N`` with an index, e.g. a torchrun local rank),
+    else cpu; anything else as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return "cuda" if cuda_index is None else f"cuda:{cuda_index}"
+
+
+def context_length(config: Any) -> int:
+    """The model's context in tokens (unbounded when the config does not say)."""
+    return int(getattr(config, "max_position_embeddings", 1 << 30))
+
+
 def config_hash(config: Any) -> str:
     """A hash of what a model config means for its KV cache (bookkeeping keys left out)."""
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cart.chat import render_ids
+from cart.kvcache import cache_from_kv
 
 
 @dataclass
@@ -62,16 +63,6 @@ def score_prediction(q: dict[str, Any], prediction: str) -> float:
     return 1.0 if any(normalize(a) in pred for a in q["answers"]) else 0.0
 
 
-def _cache(model, prefix: Prefix):
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    if prefix.kv:
-        for i, (k, v) in enumerate(prefix.kv):
-            cache.update(k.unsqueeze(0).clone(), v.unsqueeze(0).clone(), i)
-    return cache
-
-
 def prompt_ids(tokenizer, prefix: Prefix, messages, answer: list[int] | None = None
                ) -> tuple[list[int], tuple[int, int] | None]:
     """Ids after the prefix (and the answer's span in them when an answer is given)."""
@@ -93,7 +84,7 @@ def answer_logprob(model, tokenizer, prefix: Prefix, q: dict[str, Any]) -> tuple
     answer = tokenizer(reference_answer(q), add_special_tokens=False)["input_ids"]
     ids, (start, end) = prompt_ids(tokenizer, prefix, question_messages(q), answer)
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([ids]), past_key_values=_cache(model, prefix),
+        logits = model(input_ids=torch.tensor([ids]), past_key_values=cache_from_kv(model, prefix.kv),
                        use_cache=True).logits[0].float()
     logp = torch.log_softmax(logits[start - 1:end - 1], dim=-1)
     gold = torch.tensor(ids[start:end])
@@ -104,7 +95,7 @@ def generate(model, tokenizer, prefix: Prefix, q: dict[str, Any], max_new_tokens
     import torch
 
     ids, _ = prompt_ids(tokenizer, prefix, question_messages(q))
-    cache = _cache(model, prefix)
+    cache = cache_from_kv(model, prefix.kv)
     eos = tokenizer.eos_token_id
     out: list[int] = []
     with torch.inference_mode():

@@ -28,7 +28,8 @@ from typing import Any
 
 from cart.chat import render_ids
 from cart.config import check_type
-from cart.io import CartError, Console, dumps, parse_jsonl, read_jsonl, schema_id, sha256_hex
+from cart.io import (CartError, Console, check_output_path, dumps, parse_jsonl, read_jsonl,
+                     schema_id, sha256_hex)
 
 SYSTEM_TEMPLATE = ("You are in a conversation about the following document.\n\n"
                    "<document>\n{chunk}\n</document>")
@@ -380,18 +381,11 @@ def _complete(path: Path, run: str, batches: list[list[Planned]]) -> bool:
     return got == [(run, p.index) for batch in batches for p in batch]
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def synthesize(inputs: Sequence[str], cfg: SynthConfig, model: str | None, output: str | None,
                shard: tuple[int, int], console: Console) -> int:
     """The whole ``cart synth`` job. Returns the number of conversations written."""
     from cart.engines import get_engine
+    from cart.models import resolve_device
     from cart.seeds import get_seed_prompts
 
     seeds = get_seed_prompts(cfg.seed_prompts)
@@ -416,8 +410,7 @@ def synthesize(inputs: Sequence[str], cfg: SynthConfig, model: str | None, outpu
     batches = batches_of(planned, cfg.batch_size, shard)
     out_path = None if output in (None, "-") else Path(output)
     if out_path is not None:
-        if not out_path.parent.exists():
-            raise CartError(f"{out_path}: directory {out_path.parent} does not exist")
+        check_output_path(out_path)
         partial = out_path.with_name(out_path.name + ".partial")
         if out_path.exists() and not partial.exists() and _complete(out_path, run, batches):
             console.info(f"{out_path} is already complete")

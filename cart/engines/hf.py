@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from cart.engines.base import Engine, Generation, GenerationRequest, TopK, loop_start
+from cart.models import context_length
 
 
 class TransformersEngine(Engine):
@@ -26,7 +27,7 @@ class TransformersEngine(Engine):
             eos_ids.add(tokenizer.eos_token_id)
         self.eos_token_ids = eos_ids
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
-        self.max_context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        self.max_context = context_length(model.config)
 
     @classmethod
     def load(cls, model: str | None, dtype: str = "float32", device: str = "cpu", console=None):
