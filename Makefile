@@ -9,6 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CART := $(VENV)/bin/cart
 DEMO_OUT ?= demo-out
+DEMO_CONVOS ?= 40
 # Installing is redone only when pyproject.toml changes.
 STAMP := $(VENV)/.installed
 
@@ -32,20 +33,25 @@ $(STAMP): pyproject.toml | $(PY)
 
 demo: install
 	@mkdir -p $(DEMO_OUT)
-	@echo "== cart chunk: the example corpus -> 8 random token windows (seed 1)"
-	$(CART) chunk examples/orbital/corpus.md -n 8 --seed 1 --min-tokens 256 --max-tokens 1024 \
-		--description "Below is a section of the handbook of a fictional freight cooperative." \
+	@echo "== cart chunk: the example corpus -> consecutive windows of 128-256 tokens"
+	$(CART) chunk examples/orbital/corpus.md --mode sequential --min-tokens 128 --max-tokens 256 \
 		-o $(DEMO_OUT)/chunks.jsonl
 	@$(PY) examples/show_chunks.py $(DEMO_OUT)/chunks.jsonl
-	@echo "== cart synth: self-study on those chunks (8 conversations, short turns to fit a CPU)"
-	$(CART) synth $(DEMO_OUT)/chunks.jsonl -n 8 --seed 0 --batch-size 8 \
-		--max-tokens-a 64 --max-tokens-b 128 -o $(DEMO_OUT)/convos.jsonl
+	@echo "== cart synth: self-study on those chunks (generic + recall seed prompts; short turns to fit a CPU)"
+	$(CART) synth $(DEMO_OUT)/chunks.jsonl -n $(DEMO_CONVOS) --seed-prompts mixed,recall --batch-size 16 \
+		--max-tokens-a 64 --max-tokens-b 192 -o $(DEMO_OUT)/convos.jsonl
 	@$(PY) examples/show_convos.py $(DEMO_OUT)/convos.jsonl
-	@echo "== cart distill: train a 64-token cartridge on those conversations (2 epochs)"
-	$(CART) distill $(DEMO_OUT)/convos.jsonl -p 64 --epochs 2 --batch-size 1 --seq-len 1024 \
-		--init text --init-text examples/orbital/corpus.md \
-		--log $(DEMO_OUT)/distill-log.jsonl -o $(DEMO_OUT)/orbital-p64.safetensors
-	$(CART) info $(DEMO_OUT)/orbital-p64.safetensors
+	@echo "== cart distill: train a 128-token cartridge (init: the corpus's first 128 tokens)"
+	$(CART) distill $(DEMO_OUT)/convos.jsonl -p 128 --epochs 2 --batch-size 1 --seq-len 1024 \
+		--log $(DEMO_OUT)/distill-log.jsonl -o $(DEMO_OUT)/orbital-p128.safetensors
+	$(CART) info $(DEMO_OUT)/orbital-p128.safetensors
+	@echo "== cart eval: no context vs the corpus in context (ICL) vs its first 128 tokens vs the cartridge"
+	$(CART) eval examples/orbital/questions.jsonl --no-context --icl examples/orbital/corpus.md \
+		--truncate 128 -c $(DEMO_OUT)/orbital-p128.safetensors --max-new-tokens 48 \
+		--summary $(DEMO_OUT)/summary.json --plot $(DEMO_OUT)/quality-vs-memory.png \
+		-o $(DEMO_OUT)/results.jsonl --table
+	@echo "(per-question answers: $(DEMO_OUT)/results.jsonl; summary: $(DEMO_OUT)/summary.json;" \
+		"plot: $(DEMO_OUT)/quality-vs-memory.png)"
 
 test: install
 	$(PY) -m pytest -q

@@ -34,7 +34,7 @@ FORMAT = f"{FORMAT_NAME}/{FORMAT_MAJOR}"
 _REQUIRED_KEYS = ("format", "base_model", "model_config_hash", "tokenizer_hash", "p",
                   "num_frozen_tokens", "num_layers", "kv_heads", "head_dim", "dtype")
 _INT_KEYS = ("p", "num_frozen_tokens", "num_layers", "kv_heads", "head_dim", "corpus_tokens",
-             "steps", "tokens")
+             "steps", "tokens", "query_position")
 _FLOAT_KEYS = ("loss",)
 _JSON_KEYS = ("init", "synth", "training", "parts", "corpus_paths")
 
@@ -96,6 +96,12 @@ class Cartridge:
     def num_tokens(self) -> int:
         """p: the number of KV positions the cartridge occupies (frozen + trainable)."""
         return self.num_frozen + int(self.keys[0].shape[1])
+
+    @property
+    def query_position(self) -> int:
+        """Where the tokens after the cartridge start: p, except for a composed cartridge,
+        whose parts were each trained with queries at their own p (the largest is used)."""
+        return int(self.metadata.get("query_position") or self.num_tokens)
 
     @property
     def dtype(self) -> str:
@@ -199,6 +205,10 @@ class Cartridge:
                 metadata["p"], metadata["num_frozen_tokens"], metadata["dtype"]):
             raise CartError(f"{name}: corrupt cartridge file (tensors do not match the metadata: "
                             f"p={cart.num_tokens}, frozen={cart.num_frozen}, dtype={cart.dtype})")
+        qp = metadata.get("query_position")
+        if qp is not None and not 1 <= qp <= cart.num_tokens:
+            raise CartError(f"{name}: corrupt cartridge metadata (query_position {qp} outside "
+                            f"1..{cart.num_tokens})")
         if expect is not None:
             cart.check_compatible(expect, name)
         return cart

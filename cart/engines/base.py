@@ -1,5 +1,7 @@
 """The engine interface: batched generation from token ids, with optional top-k log-probs of
-the model's own (unprocessed) next-token distribution at every generated position."""
+the model's own (unprocessed) next-token distribution at every generated position, and
+teacher-forced scoring of given continuations. Either can start from a KV prefix (a cartridge):
+the prompt then begins at position ``KVPrefix.tokens``."""
 
 from __future__ import annotations
 
@@ -23,6 +25,26 @@ class Generation:
     topk: list[TopK] = field(default_factory=list)  # one per generated token, if requested
 
 
+@dataclass(eq=False)
+class KVPrefix:
+    """KV every token of a request attends to before its prompt: per layer ``[kv_heads, n,
+    head_dim]`` keys (post-RoPE at positions 0..n-1) and values -- a cartridge, composed or
+    not. ``key`` names its content (engines may cache per prefix under it)."""
+
+    key: str
+    kv: list[tuple[Any, Any]]
+    tokens: int
+    # Position of the first token after the prefix (None: ``tokens``). A composed cartridge's
+    # parts were each trained with queries at their own p, so its queries sit there, not at the
+    # sum of the parts (cart.cartridge.Cartridge.query_position).
+    next_position: int | None = None
+
+    @property
+    def shift(self) -> int:
+        """How far positions after the prefix lag behind its length."""
+        return 0 if self.next_position is None else self.tokens - self.next_position
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
@@ -38,6 +60,18 @@ class GenerationRequest:
     # Sampling seed of this request alone (its draws do not depend on the rest of the batch);
     # None: derived from the batch seed and the request's position.
     seed: int | None = None
+    kv_prefix: KVPrefix | None = None  # e.g. a cartridge; prompt positions start after it
+
+
+@dataclass
+class ScoreRequest:
+    """Teacher-forced: the log-probability of ``prompt_ids[target_start:]`` given what precedes
+    each of them (and the KV prefix). ``prefix_len`` as in GenerationRequest."""
+
+    prompt_ids: list[int]
+    target_start: int
+    prefix_len: int = 0
+    kv_prefix: KVPrefix | None = None
 
 
 LOOP_REPEATS = 3
@@ -73,4 +107,8 @@ class Engine:
     def generate(self, requests: list[GenerationRequest], seed: int) -> list[Generation]:
         """Run a batch. Same requests + same seed = same output (the batch is the unit of
         determinism: keep batch composition fixed to reproduce a run)."""
+        raise NotImplementedError
+
+    def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        """Per request, the natural-log probability of each target token."""
         raise NotImplementedError

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cart.engines.base import Engine, Generation, GenerationRequest, TopK, loop_start
+from cart.engines.base import (Engine, Generation, GenerationRequest, KVPrefix, ScoreRequest, TopK,
+                               loop_start)
 from cart.models import context_length
 
 
@@ -16,7 +17,7 @@ class TransformersEngine(Engine):
         self.model = model
         # KV of shared prompt prefixes (a chunk's system prompt, used by A and then by B),
         # least recently used first; bounded in bytes.
-        self._prefixes: dict[tuple[int, ...], list[tuple[Any, Any]]] = {}
+        self._prefixes: dict[tuple, list[tuple[Any, Any]]] = {}
         self._prefix_cache_bytes = prefix_cache_bytes
         self.tokenizer = tokenizer
         self.identity = identity
@@ -59,7 +60,9 @@ class TransformersEngine(Engine):
         outputs = [Generation([], False) for _ in requests]
         with torch.inference_mode():
             cache, mask, logits = self._prefill(requests)
-            positions = mask.sum(-1, keepdim=True) - 1
+            shifts = torch.tensor([[r.kv_prefix.shift if r.kv_prefix else 0] for r in requests],
+                                  device=device)
+            positions = mask.sum(-1, keepdim=True) - 1 - shifts
             rows = list(range(b))  # batch row -> request index (rows shrink as requests finish)
             for step in range(max(limits)):
                 logprobs = torch.log_softmax(logits, dim=-1)
@@ -106,27 +109,52 @@ class TransformersEngine(Engine):
                                     use_cache=True).logits[:, -1].float()
         return outputs
 
+    def _row_cache(self, prompt_ids: list[int], prefix_len: int, kv_prefix: KVPrefix | None):
+        """A fresh cache holding the request's KV prefix (a cartridge) and, when the prompt has
+        a shared prefix, that prefix's stored KV; returns (cache, first prompt index to run)."""
+        from transformers import DynamicCache
+
+        row = DynamicCache(config=self.model.config)
+        start = 0
+        if 0 < prefix_len < len(prompt_ids):
+            for layer, (k, v) in enumerate(self._prefix_kv(prompt_ids[:prefix_len], kv_prefix)):
+                row.update(k.clone(), v.clone(), layer)
+            start = prefix_len
+        elif kv_prefix is not None:
+            for layer, (k, v) in enumerate(self._kv_prefix_tensors(kv_prefix)):
+                row.update(k.clone(), v.clone(), layer)
+        return row, start
+
+    def _positions(self, kv_prefix: KVPrefix | None, start: int, end: int):
+        """Position ids of prompt tokens ``start..end-1`` (after the KV prefix, if any)."""
+        import torch
+
+        first = 0 if kv_prefix is None else kv_prefix.tokens - kv_prefix.shift
+        return torch.arange(first + start, first + end, device=self.model.device).unsqueeze(0)
+
+    def _kv_prefix_tensors(self, kv_prefix: KVPrefix) -> list[tuple[Any, Any]]:
+        dtype, device = self.model.dtype, self.model.device
+        return [(k.to(device=device, dtype=dtype).unsqueeze(0), v.to(device=device, dtype=dtype).unsqueeze(0))
+                for k, v in kv_prefix.kv]
+
     def _prefill(self, requests: list[GenerationRequest]):
         """Prefill each prompt alone -- no padding, so no mask and SDPA's fused causal kernel,
-        starting from the stored KV of its shared prefix when there is one -- then lay the caches
-        out left-padded for batched decoding. Returns (cache, mask, last-position logits)."""
+        starting from its KV prefix (cartridge) and the stored KV of its shared prompt prefix
+        when there are -- then lay the caches out left-padded for batched decoding. A row's
+        length counts its KV prefix, so the mask covers it and positions continue after it.
+        Returns (cache, mask, last-position logits)."""
         import torch
-        from transformers import DynamicCache
 
         from cart.kvcache import preallocated_cache
 
         device = self.model.device
-        prompts = [r.prompt_ids for r in requests]
-        width = max(len(p) for p in prompts)
+        lengths = [len(r.prompt_ids) + (r.kv_prefix.tokens if r.kv_prefix else 0) for r in requests]
+        width = max(lengths)
         rows, last = [], []
         for r in requests:
-            row = DynamicCache(config=self.model.config)
-            start = 0
-            if 0 < r.prefix_len < len(r.prompt_ids):
-                for layer, (k, v) in enumerate(self._prefix_kv(r.prompt_ids[:r.prefix_len])):
-                    row.update(k.clone(), v.clone(), layer)
-                start = r.prefix_len
+            row, start = self._row_cache(r.prompt_ids, r.prefix_len, r.kv_prefix)
             out = self.model(input_ids=torch.tensor([r.prompt_ids[start:]], device=device),
+                             position_ids=self._positions(r.kv_prefix, start, len(r.prompt_ids)),
                              past_key_values=row, use_cache=True, logits_to_keep=1)
             last.append(out.logits[0, -1].float())
             rows.append(row)
@@ -135,31 +163,64 @@ class TransformersEngine(Engine):
         key_buffers, value_buffers = [], []
         for layer in range(len(rows[0].layers)):
             k0 = rows[0].layers[layer].keys
-            keys = k0.new_zeros((len(prompts), k0.shape[1], capacity, k0.shape[3]))
+            keys = k0.new_zeros((len(requests), k0.shape[1], capacity, k0.shape[3]))
             values = torch.zeros_like(keys)
             for i, row in enumerate(rows):
-                n = len(prompts[i])
+                n = lengths[i]
                 keys[i, :, width - n:width] = row.layers[layer].keys[0]
                 values[i, :, width - n:width] = row.layers[layer].values[0]
                 row.layers[layer].keys = row.layers[layer].values = None  # free as we go
             key_buffers.append(keys)
             value_buffers.append(values)
         cache = preallocated_cache(self.model, key_buffers, value_buffers, width)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-        for i, prompt in enumerate(prompts):
-            mask[i, width - len(prompt):] = 1
+        mask = torch.zeros((len(requests), width), dtype=torch.long, device=device)
+        for i, n in enumerate(lengths):
+            mask[i, width - n:] = 1
         return cache, mask, torch.stack(last)
 
-    def _prefix_kv(self, prefix: list[int]) -> list[tuple[Any, Any]]:
+    def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for r in requests:
+                if not 0 < r.target_start < len(r.prompt_ids):
+                    raise ValueError(f"target_start {r.target_start} outside 1..{len(r.prompt_ids) - 1}")
+                prefix_len = min(r.prefix_len, r.target_start - 1)
+                row, start = self._row_cache(r.prompt_ids, prefix_len, r.kv_prefix)
+                ids = r.prompt_ids[start:]
+                logits = self.model(input_ids=torch.tensor([ids], device=self.model.device),
+                                    position_ids=self._positions(r.kv_prefix, start, len(r.prompt_ids)),
+                                    past_key_values=row, use_cache=True).logits[0].float()
+                first = r.target_start - start  # index in ids of the first target
+                logp = torch.log_softmax(logits[first - 1:-1], dim=-1)
+                gold = torch.tensor(ids[first:], device=logp.device).unsqueeze(1)
+                out.append(logp.gather(1, gold).squeeze(1).cpu().tolist())
+        return out
+
+    def _prefix_kv(self, prefix: list[int], kv_prefix: KVPrefix | None = None) -> list[tuple[Any, Any]]:
+        """KV of a shared prompt prefix (after ``kv_prefix``, included), LRU-cached in bytes."""
         import torch
 
         from cart.kvcache import prefix_kv
 
-        key = tuple(prefix)
+        key = (kv_prefix.key if kv_prefix else None, tuple(prefix))
         kv = self._prefixes.pop(key, None)
         if kv is None:
             ids = torch.tensor(prefix, device=self.model.device)
-            kv = [(k.unsqueeze(0), v.unsqueeze(0)) for k, v in prefix_kv(self.model, ids)]
+            if kv_prefix is None:
+                kv = [(k.unsqueeze(0), v.unsqueeze(0)) for k, v in prefix_kv(self.model, ids)]
+            else:
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=self.model.config)
+                for layer, (k, v) in enumerate(self._kv_prefix_tensors(kv_prefix)):
+                    cache.update(k, v, layer)
+                with torch.inference_mode():
+                    self.model(input_ids=ids.view(1, -1), past_key_values=cache, use_cache=True,
+                               position_ids=self._positions(kv_prefix, 0, len(prefix)),
+                               logits_to_keep=1)
+                kv = [(layer.keys, layer.values) for layer in cache.layers]
         self._prefixes[key] = kv  # most recently used last
         per_entry = lambda e: sum(k.numel() * k.element_size() * 2 for k, _ in e)  # noqa: E731
         while len(self._prefixes) > 1 and sum(map(per_entry, self._prefixes.values())) > self._prefix_cache_bytes:

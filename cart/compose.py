@@ -1,0 +1,106 @@
+"""``cart compose``: concatenate cartridges along the sequence axis (paper section 5.4).
+
+By default the result keeps ONE attention sink -- the first part's frozen token(s) -- followed
+by every part's trainable tokens in the order given; later parts' sinks are dropped.
+``sinks="all"`` keeps every part whole, its sink included (each part then sits next to exactly
+the sink it was trained with; the extra sinks are stored with the trainable tokens).
+
+No retraining, and no re-rotation: each part's keys keep the rotary positions 0..p_i-1 they were
+trained at, and each part was trained with the tokens after it at positions p_i, p_i+1, ...
+So the composed cartridge records ``query_position`` = the largest part's p (its own query
+position, for a part that is itself composed): the tokens after it start there, and every
+part of that size sees its keys at exactly the distances it was trained with (a smaller part
+sees them a little further away). Since positions are baked into the keys and the prefix's
+tokens never attend to each other at query time, the order of the parts only decides which
+sink is kept -- ``cart eval`` measures A+B against B+A. Parts must come from the same model and
+tokenizer, with the same dtype and KV shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Sequence
+
+from cart.cartridge import Cartridge
+from cart.io import CartError, Console
+
+# metadata a composed cartridge takes from its first part (identical in every part)
+_SHARED_KEYS = ("base_model", "model_config_hash", "tokenizer_hash")
+
+
+SINKS = ("one", "all")
+
+
+def compose(paths: Sequence[str], sinks: str = "one") -> Cartridge:
+    import torch
+
+    if sinks not in SINKS:
+        raise CartError(f"--sinks must be one of {', '.join(SINKS)}, got {sinks!r}")
+    if len(paths) < 2:
+        raise CartError("compose needs at least two cartridges")
+    parts: list[tuple[str, Cartridge, str]] = []
+    for path in paths:
+        p = Path(path)
+        if not p.exists():
+            raise CartError(f"{path}: no such cartridge file")
+        if p.is_dir():
+            raise CartError(f"{path}: is a directory, expected a cartridge file")
+        data = p.read_bytes()
+        parts.append((path, Cartridge.from_bytes(data, path), hashlib.sha256(data).hexdigest()))
+    first_path, first, _ = parts[0]
+    for path, cart, _ in parts[1:]:
+        for key, what in (("model_config_hash", "model"), ("tokenizer_hash", "tokenizer")):
+            if cart.metadata.get(key) != first.metadata.get(key):
+                raise CartError(
+                    f"{path}: trained for another {what} than {first_path} "
+                    f"({cart.metadata.get('base_model')} {cart.metadata.get(key)} vs "
+                    f"{first.metadata.get('base_model')} {first.metadata.get(key)})")
+        if cart.dtype != first.dtype:
+            raise CartError(f"{path}: dtype {cart.dtype} differs from {first_path}'s {first.dtype}")
+        shape, first_shape = ((c.num_layers, c.kv_heads, c.head_dim) for c in (cart, first))
+        if shape != first_shape:
+            raise CartError(f"{path}: KV shape (layers, kv heads, head dim) {shape} differs from "
+                            f"{first_path}'s {first_shape}")
+    n = first.num_layers
+
+    def later(c: Cartridge, i: int, kind: str) -> list:  # a part after the first, layer i
+        trainable = getattr(c, kind)[i]
+        if sinks == "one":
+            return [trainable]
+        return [getattr(c, "frozen_" + kind)[i], trainable]
+
+    keys = [torch.cat([first.keys[i], *(t for _, c, _ in parts[1:] for t in later(c, i, "keys"))], dim=1)
+            for i in range(n)]
+    values = [torch.cat([first.values[i], *(t for _, c, _ in parts[1:] for t in later(c, i, "values"))],
+                        dim=1) for i in range(n)]
+    md = {k: first.metadata[k] for k in _SHARED_KEYS if k in first.metadata}
+    corpus_tokens = [c.metadata.get("corpus_tokens") for _, c, _ in parts]
+    if all(isinstance(t, int) for t in corpus_tokens):
+        md["corpus_tokens"] = sum(corpus_tokens)
+    paths_all = [q for _, c, _ in parts for q in (c.metadata.get("corpus_paths") or [])]
+    if paths_all:
+        md["corpus_paths"] = paths_all
+    md["init"] = {"kind": "compose", "sinks": sinks, "sink_from": first_path}
+    md["query_position"] = max(c.query_position for _, c, _ in parts)
+    md["parts"] = [{
+        "file": path, "sha256": digest, "p": c.num_tokens, "num_frozen_tokens": c.num_frozen,
+        "query_position": c.query_position,
+        "tokens_kept": c.num_tokens - (0 if i == 0 or sinks == "all" else c.num_frozen),
+        **{k: c.metadata[k] for k in ("corpus_hash", "corpus_tokens", "corpus_paths", "created",
+                                      "steps", "tokens", "loss") if k in c.metadata},
+        "init": (c.metadata.get("init") or {}).get("kind"),
+    } for i, (path, c, digest) in enumerate(parts)]
+    return Cartridge(frozen_keys=[t.clone() for t in first.frozen_keys],
+                     frozen_values=[t.clone() for t in first.frozen_values],
+                     keys=keys, values=values, metadata=md)
+
+
+def compose_files(paths: Sequence[str], output: str | None, console: Console,
+                  sinks: str = "one") -> Cartridge:
+    cart = compose(paths, sinks)
+    cart.save(output)
+    if output not in (None, "-"):
+        console.info(f"{output}: {cart.num_tokens} tokens from {len(paths)} cartridges "
+                     f"({' + '.join(str(part['tokens_kept']) for part in cart.metadata['parts'])})")
+    return cart

@@ -1,0 +1,235 @@
+"""cart eval on the tiny model, through the CLI: every method side by side, outputs (JSONL,
+summary, table, plot), batching, resume, and clear errors for bad question files."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import orjson
+import pytest
+import torch
+from conftest import CART, one_line_error
+
+from cart.kvcache import cartridge_from_tokens
+from cart.models import ModelIdentity, load_model, load_tokenizer, resolve_model
+
+CORPUS = ("Orbital freight ships dock at bay seven. Captain Ilsa Voss founded the cooperative in "
+          "2091. Meridian Falls has four bridges and a tram line. The answer is forty two. ") * 3
+
+
+def q(id, question, answers, **extra):
+    return {"schema": "cart.questions/1", "id": id, "question": question, "answers": answers, **extra}
+
+
+QUESTIONS = [
+    q("q1", "Who founded the cooperative?", ["Ilsa Voss", "Voss"]),
+    q("q2", "Where do ships dock?", ["bay seven"], metric="exact"),
+    q("q3", "How many bridges?", ["four bridges"], metric="token_f1"),
+    q("q4", "Which of these is a place?", ["B"], choices=["forty two", "Meridian Falls", "2091"]),
+    q("q5", "Say the answer.", ["The answer is forty two."], metric="chrf"),
+    q("q6", "What is the answer?", ["forty two"], metric="loglik"),
+    {"schema": "cart.questions/1", "id": "q7", "answers": ["2091"],
+     "messages": [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."},
+                  {"role": "user", "content": "When was it founded?"}]},
+]
+
+
+def write_jsonl(path, records):
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tiny_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    ref = resolve_model(str(tiny_model))
+    model, tok, ident = load_model(ref), load_tokenizer(ref), ModelIdentity.of(ref)
+    corpus = d / "corpus.md"
+    corpus.write_text(CORPUS)
+    ids = tok(CORPUS, add_special_tokens=False).input_ids
+    md = {"base_model": ident.model_id, "model_config_hash": ident.config_hash,
+          "tokenizer_hash": ident.tokenizer_hash, "corpus_tokens": len(ids)}
+    for name, start, p in (("small", 0, 8), ("big", 3, 20)):
+        cartridge_from_tokens(model, torch.tensor(ids[start:start + p]), metadata=md).save(d / f"{name}.safetensors")
+    return {"dir": d, "corpus": corpus, "questions": write_jsonl(d / "q.jsonl", QUESTIONS),
+            "model": tiny_model, "corpus_tokens": len(ids)}
+
+
+def test_all_methods_side_by_side(files, run_cart, tmp_path):
+    d = files["dir"]
+    summary, plot = tmp_path / "s.json", tmp_path / "p.png"
+    proc = run_cart("eval", files["questions"], "-m", files["model"], "--no-context",
+                    "--icl", files["corpus"], "--truncate", 10, "--truncate", 20,
+                    "-c", d / "small.safetensors", "-c", d / "big.safetensors",
+                    "--max-new-tokens", 6, "--batch-size", 3, "--summary", summary, "--plot", plot)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stderr == b""  # not a terminal: no table unless --table
+    rows = [orjson.loads(line) for line in proc.stdout.splitlines()]
+    methods = ["no context", "ICL", "ICL first 10", "ICL first 20", "small", "big"]
+    assert [r["method"] for r in rows] == [m for m in methods for _ in QUESTIONS]
+    assert [r["id"] for r in rows[:7]] == [x["id"] for x in QUESTIONS]
+    for r in rows:
+        assert r["schema"] == "cart.result/1"
+        assert r["answer_nll"] > 0 and r["answer_tokens"] > 0
+        if r["id"] == "q6":  # loglik: no generation
+            assert r["prediction"] is None and r["score"] is None and r["metric"] == "loglik"
+        else:
+            assert isinstance(r["prediction"], str) and 0.0 <= r["score"] <= 1.0
+            assert 1 <= r["generated_tokens"] <= 6
+    assert {r["metric"] for r in rows} == {"contains", "exact", "token_f1", "multiple_choice",
+                                           "chrf", "loglik"}
+    report = json.loads(summary.read_text())
+    per = {m["method"]: m for m in report["methods"]}
+    assert list(per) == methods
+    bpt = 2 * 2 * 2 * 16 * 4  # layers x K,V x kv heads x head dim x fp32
+    assert report["kv_bytes_per_token"] == bpt
+    icl = per["ICL"]["kv_tokens"]
+    assert icl > files["corpus_tokens"]  # the corpus plus the system turn's template tokens
+    assert per["no context"]["kv_tokens"] == 0 and per["no context"]["compression_vs_icl"] is None
+    assert per["small"]["kv_tokens"] == 8 and per["big"]["kv_tokens"] == 20
+    assert per["ICL first 10"]["kv_tokens"] < per["ICL first 20"]["kv_tokens"] < icl
+    for m in per.values():
+        assert m["kv_bytes"] == m["kv_tokens"] * bpt
+        assert m["questions"] == 7 and m["scored"] == 6
+        if m["kv_tokens"]:
+            assert m["compression_vs_icl"] == round(icl / m["kv_tokens"], 2)
+        mine = [r for r in rows if r["method"] == m["method"]]
+        assert m["score"] == pytest.approx(sum(r["score"] for r in mine if r["score"] is not None) / 6)
+        n = sum(r["answer_tokens"] for r in mine)
+        assert m["answer_nll"] == pytest.approx(sum(r["answer_nll"] * r["answer_tokens"] for r in mine) / n)
+        assert m["answer_perplexity"] == pytest.approx(2.718281828 ** m["answer_nll"], rel=1e-6)
+        assert m["tokens_per_s"] > 0 and set(m["by_metric"]) == {"contains", "exact", "token_f1",
+                                                                 "multiple_choice", "chrf"}
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def test_batching_changes_nothing(files, run_cart):
+    args = ["eval", files["questions"], "-m", files["model"], "--icl", files["corpus"],
+            "-c", files["dir"] / "big.safetensors", "--max-new-tokens", 8]
+    one = [orjson.loads(x) for x in run_cart(*args, "--batch-size", 1).stdout.splitlines()]
+    many = [orjson.loads(x) for x in run_cart(*args, "--batch-size", 7).stdout.splitlines()]
+    assert len(one) == len(many) == 14
+    for a, b in zip(one, many):
+        assert a["prediction"] == b["prediction"]
+        assert a["answer_nll"] == pytest.approx(b["answer_nll"], abs=1e-4)
+
+
+def test_table_and_stdin(files, run_cart):
+    proc = run_cart("eval", "-", "-m", files["model"], "--no-context", "-c",
+                    files["dir"] / "small.safetensors", "--max-new-tokens", 4, "--table",
+                    input=files["questions"].read_bytes())
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = proc.stderr.decode().splitlines()
+    assert lines[0].split() == ["method", "KV", "tokens", "KV", "memory", "vs", "ICL", "score",
+                                "NLL/token", "ppl", "tok/s"]
+    assert lines[2].startswith("no context ") and lines[3].startswith("small ")
+    assert " 8 " in lines[3] and "4.0 KiB" in lines[3]  # 8 tokens x 512 bytes
+    assert len(proc.stdout.splitlines()) == 14
+
+
+def test_resume_after_kill(files, tmp_path, cart_home):
+    """SIGKILL mid-run, rerun the same command: the finished batches are kept, the output equals
+    an uninterrupted run's."""
+    many = [q(f"m{i}", f"Question number {i}: who founded it?", ["Ilsa Voss"]) for i in range(30)]
+    qf = write_jsonl(tmp_path / "many.jsonl", many)
+    env = {**os.environ, "CART_HOME": str(cart_home)}
+    base = [str(CART), "eval", str(qf), "-m", str(files["model"]), "--no-context", "--icl",
+            str(files["corpus"]), "--max-new-tokens", 24, "--batch-size", 1, "--no-stop-loops"]
+    base = [str(x) for x in base]
+    ref = subprocess.run(base + ["-o", str(tmp_path / "ref.jsonl")], env=env, capture_output=True)
+    assert ref.returncode == 0, ref.stderr.decode()
+    out = tmp_path / "out.jsonl"
+    partial = tmp_path / "out.jsonl.partial"
+    proc = subprocess.Popen(base + ["-o", str(out)], env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if partial.exists() and partial.read_bytes().count(b"\n") >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert partial.exists() and not out.exists()
+    done = partial.read_bytes().count(b"\n") - 1
+    assert 5 <= done < 60
+    again = subprocess.run(base + ["-o", str(out)], env=env, capture_output=True)
+    assert again.returncode == 0, again.stderr.decode()
+    assert not partial.exists()
+    assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+    # a partial file of other settings is refused, not mixed in
+    partial.write_bytes(b'{"run": "0123456789abcdef"}\n')
+    err = subprocess.run(base + ["-o", str(out)], env=env, capture_output=True)
+    assert err.returncode == 1
+    assert err.stderr.decode().strip() == (f"cart: error: {partial}: partial results of another run "
+                                           f"(other questions, methods or settings); delete it to "
+                                           f"start over")
+
+
+BAD = [
+    ({"id": "x", "question": "?", "answers": ["a"]}, "q.jsonl:1: missing field 'schema' (expected cart.questions/1)"),
+    ({"schema": "cart.questions/1", "question": "?", "answers": ["a"]}, "q.jsonl:1: missing field 'id'"),
+    ({"schema": "cart.questions/1", "id": "x", "answers": ["a"]},
+     "q.jsonl:1: give exactly one of the fields 'question' and 'messages'"),
+    ({"schema": "cart.questions/1", "id": "x", "question": "?"}, "q.jsonl:1: missing field 'answers'"),
+    ({"schema": "cart.questions/1", "id": "x", "question": "?", "answers": "a"},
+     "q.jsonl:1: field 'answers' must be list, got str"),
+    ({"schema": "cart.questions/1", "id": "x", "question": "?", "answers": []},
+     "q.jsonl:1: field 'answers' must be a non-empty list of non-empty strings"),
+    ({"schema": "cart.questions/1", "id": "x", "question": "?", "answers": ["a"], "metric": "bleu"},
+     "q.jsonl:1: unknown metric 'bleu' (known: chrf, contains, exact, loglik, multiple_choice, token_f1)"),
+    ({"schema": "cart.questions/1", "id": "x", "question": "?", "answers": ["E"], "choices": ["a", "b"]},
+     "q.jsonl:1: field 'answers' must hold the letter of the correct option (A-B), got 'E'"),
+    ({"schema": "cart.questions/1", "id": "x", "messages": [{"role": "user", "content": "?"},
+                                                            {"role": "assistant", "content": "!"}],
+      "answers": ["a"]}, "q.jsonl:1: the last of 'messages' must be the user's turn"),
+    ({"schema": "cart.questions/2", "id": "x", "question": "?", "answers": ["a"]},
+     "q.jsonl:1: unsupported schema version cart.questions/2 (this cart reads cart.questions/1; "
+     "upgrade cart or regenerate the file)"),
+]
+
+
+@pytest.mark.parametrize("record,message", BAD)
+def test_bad_question_files(files, run_cart, tmp_path, record, message):
+    path = write_jsonl(tmp_path / "q.jsonl", [record])
+    err = one_line_error(run_cart("eval", path, "-m", files["model"], "--no-context", cwd=tmp_path))
+    assert err == "cart: error: " + message.replace("q.jsonl", str(path))
+
+
+def test_more_bad_inputs(files, run_cart, tmp_path):
+    m = files["model"]
+    qf = files["questions"]
+    dup = write_jsonl(tmp_path / "dup.jsonl", [QUESTIONS[0], QUESTIONS[1], QUESTIONS[0]])
+    assert one_line_error(run_cart("eval", dup, "-m", m, "--no-context")) == (
+        f"cart: error: {dup}:3: duplicate id 'q1' (first on line 1)")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"schema": "cart.questions/1", "id": \n')
+    assert one_line_error(run_cart("eval", tmp_path / "bad.jsonl", "-m", m, "--no-context")).startswith(
+        f"cart: error: {tmp_path / 'bad.jsonl'}:1: invalid JSON")
+    (tmp_path / "empty.jsonl").write_bytes(b"\n")
+    assert one_line_error(run_cart("eval", tmp_path / "empty.jsonl", "-m", m, "--no-context")) == (
+        f"cart: error: {tmp_path / 'empty.jsonl'}: no questions")
+    assert one_line_error(run_cart("eval", qf, "-m", m)) == (
+        "cart: error: nothing to evaluate: give --cartridge FILE, --icl CORPUS or --no-context")
+    assert one_line_error(run_cart("eval", qf, "-m", m, "--truncate", 5)) == (
+        "cart: error: --truncate N needs the corpus: give --icl CORPUS")
+    assert one_line_error(run_cart("eval", qf, "-m", m, "--icl", files["corpus"], "--truncate", 100000)) == (
+        f"cart: error: --truncate 100000: the corpus ({files['corpus']}) has only "
+        f"{files['corpus_tokens']} tokens")
+    assert one_line_error(run_cart("eval", qf, "-m", m, "-c", tmp_path / "none.safetensors")) == (
+        f"cart: error: {tmp_path / 'none.safetensors'}: no such cartridge file")
+    assert one_line_error(run_cart("eval", qf, "-m", m, "--icl", tmp_path / "none.md")) == (
+        f"cart: error: {tmp_path / 'none.md'}: no such corpus file")
+    assert one_line_error(run_cart("eval", qf, "-m", m, "--no-context", "--max-new-tokens", 0)) == (
+        "cart: error: --max-new-tokens must be >= 1, got 0")
+    # a corpus longer than the model's context (4096 positions): refused, with the way out
+    big = tmp_path / "big.md"
+    big.write_text(CORPUS * 40)
+    err = one_line_error(run_cart("eval", qf, "-m", m, "--icl", big))
+    assert err.startswith(f"cart: error: {big}: ICL needs ") and err.endswith(
+        "more than the model's 4096; use --truncate N for the corpus's first N tokens")
+
+
+def test_cartridge_of_another_model_is_refused(files, other_tiny_model, run_cart):
+    err = one_line_error(run_cart("eval", files["questions"], "-m", other_tiny_model, "-c",
+                                  files["dir"] / "small.safetensors"))
+    assert err.startswith(f"cart: error: {files['dir'] / 'small.safetensors'}: trained for model ")
