@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cart.config import check_type
-from cart.io import CartError, Console, check_output_path, display_name, dumps, sha256_hex
+from cart.io import (CartError, Console, check_output_path, display_name, dumps, human_bytes,
+                     sha256_hex)
 
 RESULT_SCHEMA = "cart.result/1"
 
@@ -441,7 +442,7 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
         score = (f"{s['score']:.3f} ({_num(s['correct'])}/{s['scored']})" if s["score"] is not None
                  else "-")
         tps = f"{s['tokens_per_s']:.0f}" if s["tokens_per_s"] else "-"
-        lines.append(f"{s['method'][:24]:24} {s['kv_tokens']:9d} {_human(s['kv_bytes']):>10} "
+        lines.append(f"{s['method'][:24]:24} {s['kv_tokens']:9d} {human_bytes(s['kv_bytes']):>10} "
                      f"{ratio:>7} {score:>13} {s['answer_nll']:9.3f} "
                      f"{s['answer_perplexity']:7.1f} {tps:>6}")
     return "\n".join(lines) + "\n"
@@ -449,11 +450,3 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
 
 def _num(x: float) -> str:
     return f"{x:g}" if x != int(x) else str(int(x))
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError

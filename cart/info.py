@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cart.cartridge import Cartridge, kv_bytes_per_token
+from cart.io import human_bytes
 
 
 def cartridge_info(path: str | os.PathLike, model: str | None = None) -> dict[str, Any]:
@@ -41,26 +42,18 @@ def cartridge_info(path: str | os.PathLike, model: str | None = None) -> dict[st
     return info
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
 def format_info(info: dict[str, Any]) -> str:
     """A plain two-column listing (stable, greppable)."""
     md = info["metadata"]
     rows: list[tuple[str, str]] = [
         ("file", info["file"]),
-        ("file size", f"{info['file_bytes']} bytes ({_human_bytes(info['file_bytes'])})"),
-        ("KV cache", f"{info['kv_bytes']} bytes ({_human_bytes(info['kv_bytes'])}) for "
+        ("file size", f"{info['file_bytes']} bytes ({human_bytes(info['file_bytes'])})"),
+        ("KV cache", f"{info['kv_bytes']} bytes ({human_bytes(info['kv_bytes'])}) for "
                      f"{md['p']} tokens ({md['num_frozen_tokens']} frozen)"),
     ]
     if "corpus_kv_bytes" in info:
         rows.append(("corpus in context",
-                     f"{info['corpus_kv_bytes']} bytes ({_human_bytes(info['corpus_kv_bytes'])}) "
+                     f"{info['corpus_kv_bytes']} bytes ({human_bytes(info['corpus_kv_bytes'])}) "
                      f"for {md['corpus_tokens']} tokens"))
         rows.append(("compression", f"{info['compression_ratio']}x smaller than the corpus's KV cache"))
     if "compatible_with" in info:
