@@ -107,6 +107,19 @@ def _opt(flags: str | tuple[str, ...], help: str):
     return typer.Option(*names, help=help, show_default=False)
 
 
+# The generation runtime, shared by the stages that generate (synth, eval).
+EngineOpt = Annotated[Optional[str], _opt("--engine", "Model runtime: transformers. "
+                                                      "[default: transformers]")]
+EngineDtypeOpt = Annotated[Optional[str], _opt("--dtype", "float32, bfloat16 or float16. "
+                                                          "[default: float32]")]
+EngineDeviceOpt = Annotated[Optional[str], _opt("--device", "cpu, cuda, cuda:N ... or auto (cuda "
+                                                            "when available). [default: auto]")]
+StopLoopsOpt = Annotated[Optional[bool], typer.Option(
+    "--stop-loops/--no-stop-loops", help="Cut a generated message once its last block of tokens "
+    "has repeated 3 times, dropping the repeats (small models loop until the token cap). "
+    "[default: --stop-loops]", show_default=False)]
+
+
 @app.command("synth")
 def synth_command(
     inputs: Annotated[Optional[list[str]], typer.Argument(
@@ -135,10 +148,7 @@ def synth_command(
     logprob_mass: Annotated[Optional[float], _opt(
         "--logprob-mass", "Of the top-k, keep candidates until this cumulative probability. "
                           "[default: 0.99]")] = None,
-    stop_loops: Annotated[Optional[bool], typer.Option(
-        "--stop-loops/--no-stop-loops", help="Cut a message once its last block of tokens has "
-        "repeated 3 times, dropping the repeats (small models loop until the token cap). "
-        "[default: --stop-loops]", show_default=False)] = None,
+    stop_loops: StopLoopsOpt = None,
     batch_size: Annotated[Optional[int], _opt("--batch-size", "Conversations generated together. "
                                                               "[default: 16]")] = None,
     mode: Annotated[Optional[str], _opt("--mode", "Chunking of corpus inputs: random (one window "
@@ -151,12 +161,9 @@ def synth_command(
                                                         "[default: 0]")] = None,
     description: Annotated[Optional[str], _opt("--description", "Chunking: text describing the "
                                                "corpus, put before each chunk.")] = None,
-    engine: Annotated[Optional[str], _opt("--engine", "Model runtime: transformers. "
-                                                      "[default: transformers]")] = None,
-    dtype: Annotated[Optional[str], _opt("--dtype", "float32, bfloat16 or float16. "
-                                                    "[default: float32]")] = None,
-    device: Annotated[Optional[str], _opt("--device", "cpu, cuda, cuda:N ... or auto (cuda when "
-                                                      "available). [default: auto]")] = None,
+    engine: EngineOpt = None,
+    dtype: EngineDtypeOpt = None,
+    device: EngineDeviceOpt = None,
     shard: Annotated[Optional[str], _opt("--shard", "i/n: do the i-th of n disjoint parts "
                                                     "(concatenating parts 0..n-1 = the whole run).")] = None,
     output: Annotated[Optional[str], typer.Option(
@@ -287,15 +294,10 @@ def eval_command(
                                                  "greedy). [default: 0]")] = None,
     seed: Annotated[Optional[int], _opt("--seed", "Sampling seed (with --temperature > 0). "
                                                   "[default: 0]")] = None,
-    stop_loops: Annotated[Optional[bool], typer.Option(
-        "--stop-loops/--no-stop-loops", help="Cut an answer once its last block of tokens has "
-        "repeated 3 times. [default: --stop-loops]", show_default=False)] = None,
-    engine: Annotated[Optional[str], _opt("--engine", "Model runtime: transformers. "
-                                                      "[default: transformers]")] = None,
-    dtype: Annotated[Optional[str], _opt("--dtype", "float32, bfloat16 or float16. "
-                                                    "[default: float32]")] = None,
-    device: Annotated[Optional[str], _opt("--device", "cpu, cuda, cuda:N or auto. "
-                                                      "[default: auto]")] = None,
+    stop_loops: StopLoopsOpt = None,
+    engine: EngineOpt = None,
+    dtype: EngineDtypeOpt = None,
+    device: EngineDeviceOpt = None,
     summary: Annotated[Optional[str], _opt("--summary", "Write the per-method summary (score, "
                                            "KV bytes, compression vs ICL, tokens/s) as JSON "
                                            "here.")] = None,

@@ -62,18 +62,16 @@ def compose(paths: Sequence[str], sinks: str = "one") -> Cartridge:
         if shape != first_shape:
             raise CartError(f"{path}: KV shape (layers, kv heads, head dim) {shape} differs from "
                             f"{first_path}'s {first_shape}")
-    n = first.num_layers
+    def after_sink(j: int, c: Cartridge, i: int):
+        """What part ``j`` puts after the composed cartridge's sink, in layer ``i``: its
+        trainable tokens, preceded by its own sink when every part is kept whole."""
+        return c.layer(i) if j > 0 and sinks == "all" else (c.keys[i], c.values[i])
 
-    def later(c: Cartridge, i: int, kind: str) -> list:  # a part after the first, layer i
-        trainable = getattr(c, kind)[i]
-        if sinks == "one":
-            return [trainable]
-        return [getattr(c, "frozen_" + kind)[i], trainable]
-
-    keys = [torch.cat([first.keys[i], *(t for _, c, _ in parts[1:] for t in later(c, i, "keys"))], dim=1)
-            for i in range(n)]
-    values = [torch.cat([first.values[i], *(t for _, c, _ in parts[1:] for t in later(c, i, "values"))],
-                        dim=1) for i in range(n)]
+    keys, values = [], []
+    for i in range(first.num_layers):
+        ks, vs = zip(*(after_sink(j, c, i) for j, (_, c, _) in enumerate(parts)))
+        keys.append(torch.cat(ks, dim=1))
+        values.append(torch.cat(vs, dim=1))
     md = {k: first.metadata[k] for k in _SHARED_KEYS if k in first.metadata}
     corpus_tokens = [c.metadata.get("corpus_tokens") for _, c, _ in parts]
     if all(isinstance(t, int) for t in corpus_tokens):

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from cart.config import check_type
 from cart.io import (CartError, Console, check_output_path, display_name, dumps, human_bytes,
-                     sha256_hex)
+                     intact_records, sha256_hex)
 
 RESULT_SCHEMA = "cart.result/1"
 
@@ -41,7 +41,7 @@ class EvalConfig:
     device: str = "auto"
 
     def __post_init__(self):
-        from cart.engines import ENGINES
+        from cart.engines import check_runtime
 
         for name in ("max_new_tokens", "batch_size", "seed"):
             check_type(name, getattr(self, name), int)
@@ -53,10 +53,7 @@ class EvalConfig:
             raise CartError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.temperature < 0:
             raise CartError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.engine not in ENGINES:
-            raise CartError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise CartError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        check_runtime(self.engine, self.dtype)
 
 
 @dataclass
@@ -165,11 +162,19 @@ def method_messages(method: Method, q: dict[str, Any]) -> list[dict[str, Any]]:
 
 class Prompts:
     """Token ids of each (method, question): the generation prompt and the scoring sequence
-    (prompt + reference answer), with the shared prefix of ICL's system turn marked."""
+    (prompt + reference answer), with the shared prefix of ICL's system turn marked. Each is
+    rendered once (the fit check and the run both use them; ICL's render the whole corpus)."""
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
         self._shared: dict[str, list[int]] = {}
+        self._memo: dict[tuple[str, str, str], Any] = {}
+
+    def _once(self, kind: str, method: Method, q: dict[str, Any], build):
+        key = (kind, method.name, q["id"])
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     def _prefix_len(self, method: Method, ids: list[int]) -> int:
         if method.system is None:
@@ -187,13 +192,19 @@ class Prompts:
         return n
 
     def generation(self, method: Method, q: dict[str, Any]) -> tuple[list[int], int]:
+        return self._once("generation", method, q, lambda: self._generation(method, q))
+
+    def scoring(self, method: Method, q: dict[str, Any]) -> tuple[list[int], int, int]:
+        """(ids ending with the reference answer, index of its first token, prefix length)."""
+        return self._once("scoring", method, q, lambda: self._scoring(method, q))
+
+    def _generation(self, method: Method, q: dict[str, Any]) -> tuple[list[int], int]:
         from cart.chat import render_ids
 
         ids, _ = render_ids(self.tok, method_messages(method, q), add_generation_prompt=True)
         return ids, self._prefix_len(method, ids)
 
-    def scoring(self, method: Method, q: dict[str, Any]) -> tuple[list[int], int, int]:
-        """(ids ending with the reference answer, index of its first token, prefix length)."""
+    def _scoring(self, method: Method, q: dict[str, Any]) -> tuple[list[int], int, int]:
         from cart.chat import render_ids
         from cart.questions import reference_answer
 
@@ -307,25 +318,15 @@ def run_fingerprint(cfg: EvalConfig, questions_bytes: bytes, methods: list[Metho
 def read_partial(path: Path, run: str) -> tuple[dict[tuple[str, int], dict[str, Any]], int]:
     """Batches already done in ``path`` (``(method, batch) -> record``) and the byte offset
     where the valid part ends (a torn last line is dropped). Another run's file is refused."""
-    import orjson
-
     done: dict[tuple[str, int], dict[str, Any]] = {}
-    data = path.read_bytes()
     end = 0
-    for i, line in enumerate(data.splitlines(keepends=True)):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            rec = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            break
+    for i, (rec, end) in enumerate(intact_records(path.read_bytes())):
         if i == 0:
             if rec.get("run") != run:
                 raise CartError(f"{path}: partial results of another run (other questions, methods "
                                 f"or settings); delete it to start over")
         else:
             done[(rec["method"], rec["batch"])] = rec
-        end += len(line)
     return done, end
 
 

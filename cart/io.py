@@ -144,6 +144,22 @@ def parse_jsonl(lines: Iterable[bytes], source: str, kind: str | None = None) ->
         yield line
 
 
+def intact_records(data: bytes) -> Iterator[tuple[Any, int]]:
+    """The records of a JSONL file being appended to (a ``.partial`` file), each with the byte
+    offset just past its line; stops at the first torn or unparsable line (a kill mid-write),
+    which a resumed run truncates away."""
+    end = 0
+    for raw in data.splitlines(keepends=True):
+        if not raw.endswith(b"\n"):
+            return
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return
+        end += len(raw)
+        yield record, end
+
+
 def dumps(record: Any) -> bytes:
     """One JSONL line (with newline). Non-string dict keys and numpy scalars are allowed."""
     return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY)

@@ -28,8 +28,8 @@ from typing import Any
 
 from cart.chat import render_ids
 from cart.config import check_type
-from cart.io import (CartError, Console, check_output_path, dumps, parse_jsonl, read_jsonl,
-                     schema_id, sha256_hex)
+from cart.io import (CartError, Console, check_output_path, dumps, intact_records, parse_jsonl,
+                     read_jsonl, schema_id, sha256_hex)
 
 SYSTEM_TEMPLATE = ("You are in a conversation about the following document.\n\n"
                    "<document>\n{chunk}\n</document>")
@@ -76,8 +76,9 @@ class SynthConfig:
                 raise CartError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.logprob_mass <= 1:
             raise CartError(f"--logprob-mass must be in (0, 1], got {self.logprob_mass}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise CartError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        from cart.engines import check_runtime
+
+        check_runtime(self.engine, self.dtype)
         self.chunk_config()  # validates the chunking settings
 
     def chunk_config(self):
@@ -347,24 +348,13 @@ def run_fingerprint(cfg: SynthConfig, chunks: list[dict[str, Any]], identity) ->
 def read_done(partial: Path, run: str, batches: list[list[Planned]]) -> tuple[int, int]:
     """How many whole batches a partial file holds (and their byte length); refuses a file from
     another run. Lines past the last whole batch (a kill mid-write) are dropped on resume."""
-    import orjson
-
-    data = partial.read_bytes()
-    offset, n_batches, pos_in_batch = 0, 0, 0
-    good_end = 0
-    for raw in data.splitlines(keepends=True):
-        if not raw.endswith(b"\n"):
-            break
-        try:
-            record = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            break
+    n_batches, pos_in_batch, good_end = 0, 0, 0
+    for record, offset in intact_records(partial.read_bytes()):
         if record.get("run") != run:
             raise CartError(f"{partial}: holds conversations of another run (different settings, "
                             "chunks or model); delete it to start over")
         if n_batches >= len(batches) or record.get("index") != batches[n_batches][pos_in_batch].index:
             break
-        offset += len(raw)
         pos_in_batch += 1
         if pos_in_batch == len(batches[n_batches]):
             n_batches, pos_in_batch, good_end = n_batches + 1, 0, offset

@@ -8,12 +8,22 @@ from typing import Any
 from cart.io import CartError
 
 ENGINES = ("transformers",)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_runtime(engine: str, dtype: str) -> None:
+    """For the configs of the stages that generate: the engine and its dtype, by name."""
+    if engine not in ENGINES:
+        raise CartError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if dtype not in DTYPES:
+        raise CartError(f"--dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {dtype!r}")
 
 
 def get_engine(name: str, model: str | None, dtype: str = "float32", device: str = "cpu",
                console: Any = None):
+    check_runtime(name, dtype)
     if name == "transformers":
         from cart.engines.hf import TransformersEngine
 
         return TransformersEngine.load(model, dtype=dtype, device=device, console=console)
-    raise CartError(f"--engine must be one of {', '.join(ENGINES)}, got {name!r}")
+    raise AssertionError(f"engine {name!r} is in ENGINES but not built here")

@@ -40,9 +40,14 @@ class KVPrefix:
     next_position: int | None = None
 
     @property
+    def first_position(self) -> int:
+        """The position of the first token after the prefix."""
+        return self.tokens if self.next_position is None else self.next_position
+
+    @property
     def shift(self) -> int:
         """How far positions after the prefix lag behind its length."""
-        return 0 if self.next_position is None else self.tokens - self.next_position
+        return self.tokens - self.first_position
 
 
 @dataclass

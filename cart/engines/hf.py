@@ -129,7 +129,7 @@ class TransformersEngine(Engine):
         """Position ids of prompt tokens ``start..end-1`` (after the KV prefix, if any)."""
         import torch
 
-        first = 0 if kv_prefix is None else kv_prefix.tokens - kv_prefix.shift
+        first = 0 if kv_prefix is None else kv_prefix.first_position
         return torch.arange(first + start, first + end, device=self.model.device).unsqueeze(0)
 
     def _kv_prefix_tensors(self, kv_prefix: KVPrefix) -> list[tuple[Any, Any]]:

@@ -36,3 +36,13 @@ class SeedPrompt:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class DirectSeed(SeedPrompt):
+    """A direct seed: one of ``variants``, drawn uniformly, sent to B as the user message."""
+
+    direct = True
+    variants: tuple[str, ...] = ()
+
+    def sample(self, rng: random.Random) -> str:
+        return rng.choice(self.variants)

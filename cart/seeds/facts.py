@@ -6,9 +6,7 @@ numbers, dates and places are what questions about a corpus ask for, whatever it
 
 from __future__ import annotations
 
-import random
-
-from cart.seeds.base import SeedPrompt
+from cart.seeds.base import DirectSeed
 
 VARIANTS = (
     "List every fact stated in the document above, one per line: each name, number, date "
@@ -19,9 +17,6 @@ VARIANTS = (
 )
 
 
-class FactsSeed(SeedPrompt):
+class FactsSeed(DirectSeed):
     name = "facts"
-    direct = True
-
-    def sample(self, rng: random.Random) -> str:
-        return rng.choice(VARIANTS)
+    variants = VARIANTS

@@ -7,9 +7,7 @@ writes the questions, instead of participant A generating one it often cannot gr
 
 from __future__ import annotations
 
-import random
-
-from cart.seeds.base import SeedPrompt
+from cart.seeds.base import DirectSeed
 
 VARIANTS = (
     "Write questions that the document above answers, each followed by its answer taken "
@@ -20,9 +18,6 @@ VARIANTS = (
 )
 
 
-class QASeed(SeedPrompt):
+class QASeed(DirectSeed):
     name = "qa"
-    direct = True
-
-    def sample(self, rng: random.Random) -> str:
-        return rng.choice(VARIANTS)
+    variants = VARIANTS

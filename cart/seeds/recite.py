@@ -9,9 +9,7 @@ domain, only "the document".
 
 from __future__ import annotations
 
-import random
-
-from cart.seeds.base import SeedPrompt
+from cart.seeds.base import DirectSeed
 
 VARIANTS = (
     "Repeat the document above word for word.",
@@ -20,9 +18,6 @@ VARIANTS = (
 )
 
 
-class ReciteSeed(SeedPrompt):
+class ReciteSeed(DirectSeed):
     name = "recite"
-    direct = True
-
-    def sample(self, rng: random.Random) -> str:
-        return rng.choice(VARIANTS)
+    variants = VARIANTS
