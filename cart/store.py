@@ -1,0 +1,135 @@
+"""The cartridge store of ``cart serve``: the cartridges of one directory, by name.
+
+A cartridge's name is its file name without ``.safetensors``. Names come from requests, so a
+name is only ever looked up among the directory's own entries (never joined into a path): no
+``..``, no separators, no symlink leaving the directory. Files are loaded on first use and kept
+in memory, least recently used first, within a bound on their total bytes; a file that changed
+on disk (size or mtime) is reloaded, and new files are seen on the next listing -- no restart.
+A corrupt file, or one trained for another model, is rejected with a logged reason and never
+takes the server down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cart.io import CartError
+
+log = logging.getLogger("cart.serve")
+
+SUFFIX = ".safetensors"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+
+
+class UnknownCartridge(LookupError):
+    """No usable cartridge of that name (a 404 for the server)."""
+
+
+@dataclass
+class Entry:
+    name: str
+    cartridge: Any  # cart.cartridge.Cartridge
+    nbytes: int
+    stamp: tuple[int, int]  # (size, mtime_ns) of the file it came from
+
+
+class CartridgeStore:
+    def __init__(self, directory: str | os.PathLike, identity: Any = None,
+                 max_bytes: int = 8 << 30):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise CartError(f"{self.directory}: not a directory of cartridges")
+        self.identity = identity  # cart.models.ModelIdentity: cartridges must fit it
+        self.max_bytes = max_bytes
+        self._loaded: OrderedDict[str, Entry] = OrderedDict()
+        self._rejected: dict[str, tuple[tuple[int, int], str]] = {}
+        self._lock = threading.Lock()
+
+    # -- what is there ---------------------------------------------------------------------
+    def _files(self) -> dict[str, Path]:
+        """name -> file, for the regular files directly inside the directory."""
+        out = {}
+        root = self.directory.resolve()
+        for p in self.directory.iterdir():
+            if not p.name.endswith(SUFFIX):
+                continue
+            name = p.name[: -len(SUFFIX)]
+            if not _NAME.match(name):
+                continue
+            try:
+                real = p.resolve(strict=True)
+            except OSError:
+                continue
+            if real.parent != root or not real.is_file():
+                continue  # a symlink out of the directory, or not a file
+            out[name] = p
+        return out
+
+    def names(self) -> list[str]:
+        """The usable cartridges now (loading or checking the new and changed ones)."""
+        names = []
+        for name in sorted(self._files()):
+            try:
+                self.get(name)
+            except UnknownCartridge:
+                continue
+            names.append(name)
+        return names
+
+    def rejected(self) -> dict[str, str]:
+        return {name: reason for name, (_, reason) in self._rejected.items()}
+
+    # -- lookup ----------------------------------------------------------------------------
+    def get(self, name: str):
+        """The cartridge called ``name``; UnknownCartridge if there is none usable."""
+        from cart.cartridge import Cartridge
+
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise UnknownCartridge(f"no cartridge named {name!r}")
+        path = self._files().get(name)
+        if path is None:
+            with self._lock:
+                self._loaded.pop(name, None)
+            raise UnknownCartridge(f"no cartridge named {name!r}")
+        st = path.stat()
+        stamp = (st.st_size, st.st_mtime_ns)
+        with self._lock:
+            entry = self._loaded.get(name)
+            if entry is not None and entry.stamp == stamp:
+                self._loaded.move_to_end(name)
+                return entry.cartridge
+            bad = self._rejected.get(name)
+            if bad is not None and bad[0] == stamp:
+                raise UnknownCartridge(f"cartridge {name!r} is unusable: {bad[1]}")
+        try:
+            cart = Cartridge.load(path, expect=self.identity)
+        except CartError as e:
+            reason = str(e)
+            with self._lock:
+                self._loaded.pop(name, None)
+                self._rejected[name] = (stamp, reason)
+            log.warning("rejected cartridge %s: %s", name, reason)
+            raise UnknownCartridge(f"cartridge {name!r} is unusable: {reason}") from None
+        nbytes = cart.kv_bytes()
+        with self._lock:
+            self._rejected.pop(name, None)
+            self._loaded[name] = Entry(name, cart, nbytes, stamp)
+            self._loaded.move_to_end(name)
+            while len(self._loaded) > 1 and self.loaded_bytes() > self.max_bytes:
+                evicted, _ = self._loaded.popitem(last=False)
+                log.info("evicted cartridge %s from memory (LRU)", evicted)
+        log.info("loaded cartridge %s (%d tokens, %d bytes)", name, cart.num_tokens, nbytes)
+        return cart
+
+    def loaded_bytes(self) -> int:
+        return sum(e.nbytes for e in self._loaded.values())
+
+    def loaded_names(self) -> list[str]:
+        return list(self._loaded)
