@@ -376,6 +376,62 @@ def info_command(
         sys.stdout.write(format_info(info))
 
 
+@app.command("serve")
+def serve_command(
+    cartridges: Annotated[Optional[str], _opt("--cartridges", "Directory of cartridges "
+                                              "(.safetensors); a request names one by its file name "
+                                              "without the extension. Files added or replaced "
+                                              "later are picked up without a restart.")] = None,
+    model: ModelOpt = None,
+    host: Annotated[Optional[str], _opt("--host", "Address to listen on; 0.0.0.0 opens the "
+                                                  "server to the network. [default: 127.0.0.1]")] = None,
+    port: Annotated[Optional[int], _opt("--port", "TCP port (0: any free one, shown on stderr). "
+                                                  "[default: 8000]")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="CART_API_KEY", show_envvar=True, show_default=False,
+        help="Require 'Authorization: Bearer KEY' on /v1/... (prefer the environment variable: "
+             "a flag shows in the process list).")] = None,
+    max_tokens: Annotated[Optional[int], _opt("--max-tokens", "Cap on a request's max_tokens, "
+                                              "and the default when a chat request gives none. "
+                                              "[default: 1024]")] = None,
+    max_prompt_tokens: Annotated[Optional[int], _opt("--max-prompt-tokens", "Longest prompt "
+                                                     "accepted, in tokens (0: the model's "
+                                                     "context). [default: 0]")] = None,
+    max_body_bytes: Annotated[Optional[str], _opt("--max-body-bytes", "Largest request body "
+                                                  "(e.g. 1MiB); larger is refused with 413. "
+                                                  "[default: 1MiB]")] = None,
+    max_concurrent: Annotated[Optional[int], _opt("--max-concurrent", "Requests in flight "
+                                                  "(decoding + waiting); more are refused with "
+                                                  "429. [default: 64]")] = None,
+    max_batch: Annotated[Optional[int], _opt("--max-batch", "Requests decoded together in one "
+                                             "step; the rest wait their turn. [default: 32]")] = None,
+    cache_bytes: Annotated[Optional[str], _opt("--cache-bytes", "Memory for loaded cartridges "
+                                               "(least recently used are dropped first), e.g. "
+                                               "4GiB. [default: 4GiB]")] = None,
+    shutdown_timeout: Annotated[Optional[float], _opt("--shutdown-timeout", "Seconds in-flight "
+                                                      "requests get to finish after SIGTERM or "
+                                                      "Ctrl-C. [default: 120]")] = None,
+    engine: EngineOpt = None,
+    dtype: EngineDtypeOpt = None,
+    device: EngineDeviceOpt = None,
+    config: ConfigOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on "
+                                                              "stderr (no request log).")] = False,
+):
+    """Serve cartridges over an OpenAI-compatible HTTP API (chat, completions, models)."""
+    from cart.config import resolve
+    from cart.io import Console
+    from cart.serve import ServeConfig, serve
+
+    cfg = resolve(ServeConfig, config, "serve", cartridges=cartridges, host=host, port=port,
+                  api_key=api_key, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
+                  max_body_bytes=max_body_bytes,
+                  max_concurrent=max_concurrent, max_batch=max_batch,
+                  cache_bytes=cache_bytes,
+                  shutdown_timeout=shutdown_timeout, engine=engine, dtype=dtype, device=device)
+    serve(cfg, model, quiet=quiet, console=Console(quiet))
+
+
 def _fail(message: str, code: int) -> None:
     print(f"cart: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)

@@ -33,12 +33,6 @@ SINKS = ("one", "all")
 
 
 def compose(paths: Sequence[str], sinks: str = "one") -> Cartridge:
-    import torch
-
-    if sinks not in SINKS:
-        raise CartError(f"--sinks must be one of {', '.join(SINKS)}, got {sinks!r}")
-    if len(paths) < 2:
-        raise CartError("compose needs at least two cartridges")
     parts: list[tuple[str, Cartridge, str]] = []
     for path in paths:
         p = Path(path)
@@ -48,6 +42,18 @@ def compose(paths: Sequence[str], sinks: str = "one") -> Cartridge:
             raise CartError(f"{path}: is a directory, expected a cartridge file")
         data = p.read_bytes()
         parts.append((path, Cartridge.from_bytes(data, path), hashlib.sha256(data).hexdigest()))
+    return compose_parts(parts, sinks)
+
+
+def compose_parts(parts: Sequence[tuple[str, Cartridge, str]], sinks: str = "one") -> Cartridge:
+    """Compose loaded cartridges, given as (name or path, cartridge, sha256) in order (``cart
+    compose`` reads them from files; ``cart serve`` has them in its store)."""
+    import torch
+
+    if sinks not in SINKS:
+        raise CartError(f"--sinks must be one of {', '.join(SINKS)}, got {sinks!r}")
+    if len(parts) < 2:
+        raise CartError("compose needs at least two cartridges")
     first_path, first, _ = parts[0]
     for path, cart, _ in parts[1:]:
         for key, what in (("model_config_hash", "model"), ("tokenizer_hash", "tokenizer")):

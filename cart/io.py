@@ -229,6 +229,21 @@ def human_bytes(n: int) -> str:
     raise AssertionError
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_size(text: str, name: str) -> int:
+    """``"4GiB"`` / ``"512MB"`` / ``"1048576"`` -> bytes; ``name`` is the flag, for the error."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _SIZE_UNITS:
+        raise CartError(f"{name} must be a size such as 1048576, 512MiB or 4GiB, got {text!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
 def sha256_hex(data: bytes | str) -> str:
     if isinstance(data, str):
         data = data.encode("utf-8")

@@ -11,6 +11,7 @@ takes the server down.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -38,6 +39,8 @@ class Entry:
     cartridge: Any  # cart.cartridge.Cartridge
     nbytes: int
     stamp: tuple[int, int]  # (size, mtime_ns) of the file it came from
+    sha256: str
+    kv_prefix: Any = None  # the engine's view of it, made on first use by the server
 
 
 class CartridgeStore:
@@ -89,6 +92,10 @@ class CartridgeStore:
     # -- lookup ----------------------------------------------------------------------------
     def get(self, name: str):
         """The cartridge called ``name``; UnknownCartridge if there is none usable."""
+        return self.entry(name).cartridge
+
+    def entry(self, name: str) -> Entry:
+        """The store's entry for ``name`` (cartridge, bytes, file stamp, sha256)."""
         from cart.cartridge import Cartridge
 
         if not isinstance(name, str) or not _NAME.match(name):
@@ -104,12 +111,16 @@ class CartridgeStore:
             entry = self._loaded.get(name)
             if entry is not None and entry.stamp == stamp:
                 self._loaded.move_to_end(name)
-                return entry.cartridge
+                return entry
             bad = self._rejected.get(name)
             if bad is not None and bad[0] == stamp:
                 raise UnknownCartridge(f"cartridge {name!r} is unusable: {bad[1]}")
         try:
-            cart = Cartridge.load(path, expect=self.identity)
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise CartError(f"cannot read it ({e.strerror})") from None
+            cart = Cartridge.from_bytes(data, path.name, self.identity)
         except CartError as e:
             reason = str(e)
             with self._lock:
@@ -118,15 +129,16 @@ class CartridgeStore:
             log.warning("rejected cartridge %s: %s", name, reason)
             raise UnknownCartridge(f"cartridge {name!r} is unusable: {reason}") from None
         nbytes = cart.kv_bytes()
+        entry = Entry(name, cart, nbytes, stamp, hashlib.sha256(data).hexdigest())
         with self._lock:
             self._rejected.pop(name, None)
-            self._loaded[name] = Entry(name, cart, nbytes, stamp)
+            self._loaded[name] = entry
             self._loaded.move_to_end(name)
             while len(self._loaded) > 1 and self.loaded_bytes() > self.max_bytes:
                 evicted, _ = self._loaded.popitem(last=False)
                 log.info("evicted cartridge %s from memory (LRU)", evicted)
         log.info("loaded cartridge %s (%d tokens, %d bytes)", name, cart.num_tokens, nbytes)
-        return cart
+        return entry
 
     def loaded_bytes(self) -> int:
         return sum(e.nbytes for e in self._loaded.values())

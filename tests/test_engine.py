@@ -166,3 +166,61 @@ def test_kv_prefix_with_its_own_query_position(engine):
     # and it differs from queries at the prefix's length (the position matters)
     (plain,) = engine.score([ScoreRequest(prompt, 3, kv_prefix=KVPrefix("xy2", kv, 15))])
     assert max(abs(a - b) for a, b in zip(plain, lp)) > 1e-4
+
+
+def test_requests_joining_a_running_batch_equal_each_alone(engine):
+    """Continuous batching (cart serve): requests join between decode steps, with different KV
+    prefixes or none, and leave when done; every generation equals the request run alone, and
+    the batch holds each shared prefix once, not once per row."""
+    from cart.engines.base import KVPrefix
+    from cart.kvcache import prefix_kv
+
+    ps = prompts(engine)
+    kv1 = KVPrefix("x1", prefix_kv(engine.model, torch.tensor(ps[2][:9])), 9)
+    kv2 = KVPrefix("x2", prefix_kv(engine.model, torch.tensor(ps[0][:5])), 5, next_position=3)
+    first = [GenerationRequest(ps[0], 9, kv_prefix=kv1), GenerationRequest(ps[1], 4)]
+    later = [GenerationRequest(ps[1], 12, kv_prefix=kv1), GenerationRequest(ps[2], 7, kv_prefix=kv2),
+             GenerationRequest(ps[2], 5, kv_prefix=kv1, ignore_eos=True)]
+    batch = engine.open_batch()
+    rows = batch.add(first, [0, 1])
+    sizes = []
+    with torch.inference_mode():
+        for step in range(3):
+            sizes.append(len(batch.step()))
+        rows += batch.add(later, [2, 3, 4])
+        # a row's own cache is its prompt and the tokens fed back: the prefix is not in it
+        assert rows[0].length == len(ps[0]) + 3
+        assert batch.mask.shape[1] == max(r.length for r in batch.rows)
+        one_prefix = sum(k.numel() * k.element_size() * 2 for k, _ in engine.prefix_layers(kv1))
+        own = sum(layer._k.numel() * layer._k.element_size() * 2 for layer in batch.cache.layers)
+        assert batch.kv_bytes() == own + one_prefix + sum(
+            k.numel() * k.element_size() * 2 for k, _ in engine.prefix_layers(kv2))
+        while len(batch):
+            sizes.append(len(batch.step()))
+    assert sizes[:3] == [2, 2, 2] and max(sizes) == 5 and sizes[-1] < 5  # joined, then left
+    for req, row in zip(first + later, rows):
+        (alone,) = engine.generate([req], seed=0)
+        assert row.out.token_ids == alone.token_ids
+    assert len(rows[4].out.token_ids) == 5  # ignore_eos: always max_new_tokens
+
+
+def test_text_stream_holds_back_stop_prefixes_and_partial_characters():
+    from cart.serve import TextStream
+
+    class Tok:  # ids are bytes; decoding shows an incomplete UTF-8 character as U+FFFD
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    ts = TextStream(Tok(), ["END"])
+    sent = [ts.push(b, eos=False) for b in "ab E".encode()]
+    assert [d for d, _ in sent] == ["a", "b", " ", ""]  # "E" might start "END"
+    assert ts.push(ord("x"), eos=False) == ("Ex", False)
+    euro = "€".encode()
+    assert ts.push(euro[0], eos=False) == ("", False) and ts.push(euro[1], eos=False) == ("", False)
+    assert ts.push(euro[2], eos=False) == ("€", False)
+    assert ts.push(ord("E"), eos=False) == ("", False)
+    assert ts.push(ord("N"), eos=False) == ("", False)
+    assert ts.push(ord("D"), eos=False) == ("", True)
+    assert ts.text == "ab Ex€"
+    done = TextStream(Tok(), [])
+    assert done.push(ord("a"), eos=False) == ("a", False) and done.push(2, eos=True) == ("", False)

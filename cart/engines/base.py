@@ -66,6 +66,7 @@ class GenerationRequest:
     # None: derived from the batch seed and the request's position.
     seed: int | None = None
     kv_prefix: KVPrefix | None = None  # e.g. a cartridge; prompt positions start after it
+    ignore_eos: bool = False  # generate max_new_tokens whatever comes (benchmarks)
 
 
 @dataclass

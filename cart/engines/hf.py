@@ -1,9 +1,18 @@
 """The transformers engine: batched generation with left padding and a KV cache, written as a
 plain decode loop so the teacher's top-k log-probs come from the raw logits (before temperature)
-at no extra forward pass."""
+at no extra forward pass.
+
+Batches are continuous (iteration-level): ``TransformersBatch`` lets requests join between
+decode steps and leave as soon as they finish, so ``cart serve`` decodes concurrent requests --
+for different cartridges or none -- in shared forward passes, and ``generate`` is the same loop
+run until a fixed set of requests is done. A cartridge is never copied into the rows' caches:
+rows attend to it where it is stored (``cart.attention.SharedPrefixes``), once per cartridge.
+"""
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 from cart.engines.base import (Engine, Generation, GenerationRequest, KVPrefix, ScoreRequest, TopK,
@@ -19,6 +28,8 @@ class TransformersEngine(Engine):
         # least recently used first; bounded in bytes.
         self._prefixes: dict[tuple, list[tuple[Any, Any]]] = {}
         self._prefix_cache_bytes = prefix_cache_bytes
+        # KV prefixes (cartridges) in the model's dtype/device, one copy per KVPrefix object
+        self._prefix_layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.tokenizer = tokenizer
         self.identity = identity
         self.model_id = identity.model_id
@@ -42,76 +53,25 @@ class TransformersEngine(Engine):
         hf_model.set_attn_implementation(register())
         return cls(hf_model, tokenizer, ModelIdentity.of(ref, hf_model.config, tokenizer))
 
+    def open_batch(self) -> TransformersBatch:
+        """An empty running batch: requests join it and leave it between decode steps."""
+        return TransformersBatch(self)
+
     def generate(self, requests: list[GenerationRequest], seed: int) -> list[Generation]:
         import torch
 
-        if not requests:
-            return []
-        temps = {r.temperature for r in requests}
-        ks = {r.top_k_logprobs for r in requests}
-        if len(temps) != 1 or len(ks) != 1:
-            raise ValueError("one batch must share temperature and top_k_logprobs")
-        temperature, k = temps.pop(), ks.pop()
-        device = self.model.device
-        b = len(requests)
-        limits = [r.max_new_tokens for r in requests]
-        generators = [torch.Generator(device="cpu").manual_seed(
-            r.seed if r.seed is not None else seed * 1_000_003 + i) for i, r in enumerate(requests)]
-        outputs = [Generation([], False) for _ in requests]
+        batch = self.open_batch()
+        rows = batch.add(requests, [r.seed if r.seed is not None else seed * 1_000_003 + i
+                                    for i, r in enumerate(requests)])
         with torch.inference_mode():
-            cache, mask, logits = self._prefill(requests)
-            shifts = torch.tensor([[r.kv_prefix.shift if r.kv_prefix else 0] for r in requests],
-                                  device=device)
-            positions = mask.sum(-1, keepdim=True) - 1 - shifts
-            rows = list(range(b))  # batch row -> request index (rows shrink as requests finish)
-            for step in range(max(limits)):
-                logprobs = torch.log_softmax(logits, dim=-1)
-                if temperature > 0:  # each request draws from its own generator
-                    probs = torch.softmax(logits / temperature, dim=-1).cpu()
-                    next_ids = torch.cat([torch.multinomial(probs[row], 1, generator=generators[i])
-                                          for row, i in enumerate(rows)]).to(device)
-                else:
-                    next_ids = logits.argmax(dim=-1)
-                if k:
-                    top_lp, top_ids = logprobs.topk(k, dim=-1)
-                    top_lp, top_ids = top_lp.cpu().tolist(), top_ids.cpu().tolist()
-                next_list = next_ids.cpu().tolist()
-                still = []
-                for row, i in enumerate(rows):
-                    out = outputs[i]
-                    out.token_ids.append(next_list[row])
-                    if k:
-                        out.topk.append(TopK(top_ids[row], top_lp[row]))
-                    if next_list[row] in self.eos_token_ids:
-                        out.finished = True
-                    elif len(out.token_ids) >= limits[i]:
-                        pass
-                    elif requests[i].stop_loops and (cut := loop_start(out.token_ids)) is not None:
-                        del out.token_ids[cut:], out.topk[cut:]
-                        out.looped = True
-                    else:
-                        still.append(row)
-                if not still:
-                    break
-                if len(still) < len(rows):
-                    # Drop finished rows so the rest decode at the batch size they need: a
-                    # long tail no longer pays for the whole batch. Rows are independent
-                    # (each attends only to its own cache), so results do not change.
-                    keep = torch.tensor(still, device=device)
-                    for layer in cache.layers:
-                        layer.keep_rows(keep)
-                    mask, positions, next_ids = mask[keep], positions[keep], next_ids[keep]
-                    rows = [rows[r] for r in still]
-                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
-                positions = positions + 1
-                logits = self.model(input_ids=next_ids.view(-1, 1), attention_mask=mask,
-                                    position_ids=positions, past_key_values=cache,
-                                    use_cache=True).logits[:, -1].float()
-        return outputs
+            while len(batch):
+                batch.step()
+        return [row.out for row in rows]
 
     def _row_cache(self, prompt_ids: list[int], prefix_len: int, kv_prefix: KVPrefix | None):
-        """A fresh cache holding the request's KV prefix (a cartridge) and, when the prompt has
-        a shared prefix, that prefix's stored KV; returns (cache, first prompt index to run)."""
+        """A fresh cache for one request's own tokens, holding the stored KV of its shared
+        prompt prefix when it has one; returns (cache, first prompt index to run). The KV
+        prefix (a cartridge) is not copied in: attention reads it from ``shared_prefix``."""
         from transformers import DynamicCache
 
         row = DynamicCache(config=self.model.config)
@@ -120,9 +80,6 @@ class TransformersEngine(Engine):
             for layer, (k, v) in enumerate(self._prefix_kv(prompt_ids[:prefix_len], kv_prefix)):
                 row.update(k.clone(), v.clone(), layer)
             start = prefix_len
-        elif kv_prefix is not None:
-            for layer, (k, v) in enumerate(self._kv_prefix_tensors(kv_prefix)):
-                row.update(k.clone(), v.clone(), layer)
         return row, start
 
     def _positions(self, kv_prefix: KVPrefix | None, start: int, end: int):
@@ -132,51 +89,35 @@ class TransformersEngine(Engine):
         first = 0 if kv_prefix is None else kv_prefix.first_position
         return torch.arange(first + start, first + end, device=self.model.device).unsqueeze(0)
 
-    def _kv_prefix_tensors(self, kv_prefix: KVPrefix) -> list[tuple[Any, Any]]:
-        dtype, device = self.model.dtype, self.model.device
-        return [(k.to(device=device, dtype=dtype).unsqueeze(0), v.to(device=device, dtype=dtype).unsqueeze(0))
-                for k, v in kv_prefix.kv]
+    def prefix_layers(self, kv_prefix: KVPrefix) -> list[tuple[Any, Any]]:
+        """The KV prefix's per-layer ``[kv_heads, p, d]`` tensors in the model's dtype and
+        device, converted once per KVPrefix object and shared by every request using it."""
+        layers = self._prefix_layers.get(kv_prefix)
+        if layers is None:
+            dtype, device = self.model.dtype, self.model.device
+            layers = [(k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype))
+                      for k, v in kv_prefix.kv]
+            self._prefix_layers[kv_prefix] = layers
+        return layers
 
-    def _prefill(self, requests: list[GenerationRequest]):
-        """Prefill each prompt alone -- no padding, so no mask and SDPA's fused causal kernel,
-        starting from its KV prefix (cartridge) and the stored KV of its shared prompt prefix
-        when there are -- then lay the caches out left-padded for batched decoding. A row's
-        length counts its KV prefix, so the mask covers it and positions continue after it.
-        Returns (cache, mask, last-position logits)."""
+    def shared_prefix(self, kv_prefix: KVPrefix | None):
+        """The ``cart_prefixes`` argument of a one-row forward pass behind ``kv_prefix``."""
+        from cart.attention import SharedPrefixes
+
+        return None if kv_prefix is None else SharedPrefixes([([0], self.prefix_layers(kv_prefix))], 1)
+
+    def prefill(self, request: GenerationRequest):
+        """Run one prompt alone -- no padding, so nothing masked -- after its KV prefix and the
+        stored KV of its shared prompt prefix. Returns (per-layer ``[1, kv_heads, n, d]`` K/V of
+        the prompt, last-position logits)."""
         import torch
 
-        from cart.kvcache import preallocated_cache
-
-        device = self.model.device
-        lengths = [len(r.prompt_ids) + (r.kv_prefix.tokens if r.kv_prefix else 0) for r in requests]
-        width = max(lengths)
-        rows, last = [], []
-        for r in requests:
-            row, start = self._row_cache(r.prompt_ids, r.prefix_len, r.kv_prefix)
-            out = self.model(input_ids=torch.tensor([r.prompt_ids[start:]], device=device),
-                             position_ids=self._positions(r.kv_prefix, start, len(r.prompt_ids)),
-                             past_key_values=row, use_cache=True, logits_to_keep=1)
-            last.append(out.logits[0, -1].float())
-            rows.append(row)
-        # room for every token the batch may generate: decoding never reallocates
-        capacity = width + max(r.max_new_tokens for r in requests)
-        key_buffers, value_buffers = [], []
-        for layer in range(len(rows[0].layers)):
-            k0 = rows[0].layers[layer].keys
-            keys = k0.new_zeros((len(requests), k0.shape[1], capacity, k0.shape[3]))
-            values = torch.zeros_like(keys)
-            for i, row in enumerate(rows):
-                n = lengths[i]
-                keys[i, :, width - n:width] = row.layers[layer].keys[0]
-                values[i, :, width - n:width] = row.layers[layer].values[0]
-                row.layers[layer].keys = row.layers[layer].values = None  # free as we go
-            key_buffers.append(keys)
-            value_buffers.append(values)
-        cache = preallocated_cache(self.model, key_buffers, value_buffers, width)
-        mask = torch.zeros((len(requests), width), dtype=torch.long, device=device)
-        for i, n in enumerate(lengths):
-            mask[i, width - n:] = 1
-        return cache, mask, torch.stack(last)
+        row, start = self._row_cache(request.prompt_ids, request.prefix_len, request.kv_prefix)
+        out = self.model(input_ids=torch.tensor([request.prompt_ids[start:]], device=self.model.device),
+                         position_ids=self._positions(request.kv_prefix, start, len(request.prompt_ids)),
+                         past_key_values=row, use_cache=True, logits_to_keep=1,
+                         cart_prefixes=self.shared_prefix(request.kv_prefix))
+        return [(layer.keys, layer.values) for layer in row.layers], out.logits[0, -1].float()
 
     def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
         import torch
@@ -191,7 +132,8 @@ class TransformersEngine(Engine):
                 ids = r.prompt_ids[start:]
                 logits = self.model(input_ids=torch.tensor([ids], device=self.model.device),
                                     position_ids=self._positions(r.kv_prefix, start, len(r.prompt_ids)),
-                                    past_key_values=row, use_cache=True).logits[0].float()
+                                    past_key_values=row, use_cache=True,
+                                    cart_prefixes=self.shared_prefix(r.kv_prefix)).logits[0].float()
                 first = r.target_start - start  # index in ids of the first target
                 logp = torch.log_softmax(logits[first - 1:-1], dim=-1)
                 gold = torch.tensor(ids[first:], device=logp.device).unsqueeze(1)
@@ -199,28 +141,21 @@ class TransformersEngine(Engine):
         return out
 
     def _prefix_kv(self, prefix: list[int], kv_prefix: KVPrefix | None = None) -> list[tuple[Any, Any]]:
-        """KV of a shared prompt prefix (after ``kv_prefix``, included), LRU-cached in bytes."""
+        """KV of a shared prompt prefix (computed after ``kv_prefix``, which it does not
+        include), LRU-cached in bytes."""
         import torch
-
-        from cart.kvcache import prefix_kv
+        from transformers import DynamicCache
 
         key = (kv_prefix.key if kv_prefix else None, tuple(prefix))
         kv = self._prefixes.pop(key, None)
         if kv is None:
-            ids = torch.tensor(prefix, device=self.model.device)
-            if kv_prefix is None:
-                kv = [(k.unsqueeze(0), v.unsqueeze(0)) for k, v in prefix_kv(self.model, ids)]
-            else:
-                from transformers import DynamicCache
-
-                cache = DynamicCache(config=self.model.config)
-                for layer, (k, v) in enumerate(self._kv_prefix_tensors(kv_prefix)):
-                    cache.update(k, v, layer)
-                with torch.inference_mode():
-                    self.model(input_ids=ids.view(1, -1), past_key_values=cache, use_cache=True,
-                               position_ids=self._positions(kv_prefix, 0, len(prefix)),
-                               logits_to_keep=1)
-                kv = [(layer.keys, layer.values) for layer in cache.layers]
+            cache = DynamicCache(config=self.model.config)
+            with torch.inference_mode():
+                self.model(input_ids=torch.tensor([prefix], device=self.model.device),
+                           past_key_values=cache, use_cache=True, logits_to_keep=1,
+                           position_ids=self._positions(kv_prefix, 0, len(prefix)),
+                           cart_prefixes=self.shared_prefix(kv_prefix))
+            kv = [(layer.keys, layer.values) for layer in cache.layers]
         self._prefixes[key] = kv  # most recently used last
         per_entry = lambda e: sum(k.numel() * k.element_size() * 2 for k, _ in e)  # noqa: E731
         while len(self._prefixes) > 1 and sum(map(per_entry, self._prefixes.values())) > self._prefix_cache_bytes:
@@ -235,3 +170,195 @@ class TransformersEngine(Engine):
         with torch.inference_mode():
             logits = self.model(input_ids=torch.tensor([input_ids], device=self.model.device)).logits[0]
         return torch.log_softmax(logits.float(), dim=-1)
+
+
+@dataclass(eq=False)
+class BatchRow:
+    """One request in a running batch; ``out`` grows by a token per step."""
+
+    request: GenerationRequest
+    generator: Any  # torch.Generator: its draws depend on no other request
+    out: Generation
+    length: int  # tokens in the row's own cache (prompt, then the generated ones fed back)
+    position: int  # position id of the next token fed back
+    done: bool = False
+
+
+@dataclass
+class StepEvent:
+    row: BatchRow
+    token_id: int
+    done: bool
+    reason: str | None  # when done: "eos", "length" or "loop"
+
+
+class TransformersBatch:
+    """A running batch: per-row caches laid out left-padded in preallocated buffers (decoding
+    writes in place), a mask, next positions and pending next-token logits. ``add`` prefills
+    newcomers one by one and lays every row out again; ``step`` picks a token for every row,
+    drops the finished ones and runs one forward pass for the rest."""
+
+    def __init__(self, engine: TransformersEngine):
+        self.engine = engine
+        self.rows: list[BatchRow] = []
+        self.cache = self.mask = self.positions = self.logits = None
+        self._groups = None  # SharedPrefixes of the current rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, requests: list[GenerationRequest], seeds: list[int]) -> list[BatchRow]:
+        import torch
+
+        if not requests:
+            return []
+        engine = self.engine
+        fresh, kvs, logits = [], [], []
+        with torch.inference_mode():
+            for r, seed in zip(requests, seeds):
+                if r.max_new_tokens < 1:
+                    raise ValueError("max_new_tokens must be >= 1")
+                kv, last = engine.prefill(r)
+                first = r.kv_prefix.first_position if r.kv_prefix else 0
+                fresh.append(BatchRow(r, torch.Generator(device="cpu").manual_seed(seed),
+                                      Generation([], False), len(r.prompt_ids), first + len(r.prompt_ids)))
+                kvs.append(kv)
+                logits.append(last)
+            self._lay_out(fresh, kvs, torch.stack(logits))
+        return fresh
+
+    def _lay_out(self, fresh: list[BatchRow], kvs: list, logits) -> None:
+        """Copy the current rows and the newcomers into new left-padded buffers just wide
+        enough for the longest row and with room for every token still to come."""
+        import torch
+
+        from cart.kvcache import preallocated_cache
+
+        device = self.engine.model.device
+        old = self.rows
+        rows = old + fresh
+        width = max(r.length for r in rows)
+        capacity = width + max(r.request.max_new_tokens - len(r.out.token_ids) for r in rows)
+        old_width = self.mask.shape[1] if old else 0
+        old_len = max((r.length for r in old), default=0)
+        ref = kvs[0][0][0]
+        keys, values = [], []
+        for layer in range(len(kvs[0])):
+            k = ref.new_zeros((len(rows), ref.shape[1], capacity, ref.shape[3]))
+            v = torch.zeros_like(k)
+            if old:  # the old rows' live columns move right-aligned as one block
+                src = self.cache.layers[layer]
+                k[:len(old), :, width - old_len:width] = src.keys[:, :, old_width - old_len:old_width]
+                v[:len(old), :, width - old_len:width] = src.values[:, :, old_width - old_len:old_width]
+            for i, row in enumerate(fresh):
+                fk, fv = kvs[i][layer]
+                k[len(old) + i, :, width - row.length:width] = fk[0]
+                v[len(old) + i, :, width - row.length:width] = fv[0]
+            keys.append(k)
+            values.append(v)
+        self.cache = None  # the old buffers go before the next are in use
+        self.cache = preallocated_cache(self.engine.model, keys, values, width)
+        self.mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        for i, row in enumerate(rows):
+            self.mask[i, width - row.length:] = 1
+        self.logits = logits if not old else torch.cat([self.logits, logits])
+        self.rows = rows
+        self._regroup()
+
+    def _regroup(self) -> None:
+        """Group rows by KV prefix object: each group reads its prefix once per layer."""
+        from cart.attention import SharedPrefixes
+
+        by_prefix: dict[int, tuple[Any, list[int]]] = {}
+        for i, row in enumerate(self.rows):
+            if row.request.kv_prefix is not None:
+                by_prefix.setdefault(id(row.request.kv_prefix), (row.request.kv_prefix, []))[1].append(i)
+        groups = [(rows, self.engine.prefix_layers(p)) for p, rows in by_prefix.values()]
+        self._groups = SharedPrefixes(groups, len(self.rows)) if groups else None
+        import torch
+
+        self.positions = torch.tensor([[r.position] for r in self.rows], device=self.engine.model.device)
+
+    def drop(self, rows: list[BatchRow]) -> None:
+        """Take rows out (cancelled requests) before the next step."""
+        gone = {id(r) for r in rows}
+        self._keep([i for i, r in enumerate(self.rows) if id(r) not in gone])
+
+    def _keep(self, keep: list[int]) -> None:
+        import torch
+
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.cache, self.mask, self.positions, self.logits, self._groups = [], None, None, None, None, None
+            return
+        index = torch.tensor(keep, device=self.engine.model.device)
+        for layer in self.cache.layers:
+            layer.keep_rows(index)
+        self.mask, self.logits = self.mask[index], self.logits[index]
+        self.rows = [self.rows[i] for i in keep]
+        self._regroup()
+
+    def kv_bytes(self) -> int:
+        """Bytes of KV the batch holds: the row buffers, plus each shared prefix once."""
+        if not self.rows:
+            return 0
+        own = sum(layer._k.numel() * layer._k.element_size() * 2 for layer in self.cache.layers)
+        shared = {id(r.request.kv_prefix): r.request.kv_prefix for r in self.rows if r.request.kv_prefix}
+        per = sum(sum(k.numel() * k.element_size() * 2 for k, _ in self.engine.prefix_layers(p))
+                  for p in shared.values())
+        return own + per
+
+    def step(self) -> list[StepEvent]:
+        """One token for every row; then one forward pass for the rows that go on."""
+        import torch
+
+        if not self.rows:
+            return []
+        logits = self.logits
+        chosen = logits.argmax(dim=-1).tolist()
+        k = max(r.request.top_k_logprobs for r in self.rows)
+        if k:
+            top_lp, top_ids = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+            top_lp, top_ids = top_lp.cpu().tolist(), top_ids.cpu().tolist()
+        events, keep = [], []
+        eos = self.engine.eos_token_ids
+        for i, row in enumerate(self.rows):
+            r, out = row.request, row.out
+            if r.temperature > 0:  # each request draws from its own generator
+                probs = torch.softmax(logits[i] / r.temperature, dim=-1).cpu()
+                chosen[i] = int(torch.multinomial(probs, 1, generator=row.generator))
+            token = chosen[i]
+            out.token_ids.append(token)
+            if r.top_k_logprobs:
+                out.topk.append(TopK(top_ids[i][:r.top_k_logprobs], top_lp[i][:r.top_k_logprobs]))
+            reason = None
+            if token in eos and not r.ignore_eos:
+                out.finished, reason = True, "eos"
+            elif len(out.token_ids) >= r.max_new_tokens:
+                reason = "length"
+            elif r.stop_loops and (cut := loop_start(out.token_ids)) is not None:
+                del out.token_ids[cut:], out.topk[cut:]
+                out.looped, reason = True, "loop"
+            else:
+                keep.append(i)
+            row.done = reason is not None
+            events.append(StepEvent(row, token, row.done, reason))
+        # Drop finished rows so the rest decode at the batch size they need: rows are
+        # independent (each attends only to its own cache and prefix), so results do not change.
+        self._keep(keep)
+        if self.rows:
+            device = self.engine.model.device
+            next_ids = torch.tensor([[r.out.token_ids[-1]] for r in self.rows], device=device)
+            self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype,
+                                                         device=device)], dim=1)
+            with torch.inference_mode():
+                self.logits = self.engine.model(
+                    input_ids=next_ids, attention_mask=self.mask, position_ids=self.positions,
+                    past_key_values=self.cache, use_cache=True,
+                    cart_prefixes=self._groups).logits[:, -1].float()
+            for row in self.rows:
+                row.length += 1
+                row.position += 1
+            self.positions = self.positions + 1
+        return events

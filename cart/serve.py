@@ -1,0 +1,601 @@
+"""``cart serve``: an OpenAI-compatible HTTP server that answers with cartridges.
+
+A request names a cartridge in ``model`` (its file name in ``--cartridges DIR`` without
+``.safetensors``), or the base model for none, or lists several in ``cartridges`` to compose
+them for that request. Every request is decoded by one continuous-batching scheduler
+(``cart.scheduler``) over the engine's running batch: requests on different cartridges share
+decode steps, and a cartridge's K/V is held once however many requests use it.
+
+Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming or not),
+``GET /v1/models`` (+ ``/v1/models/{id}``), ``GET /health``. Errors are OpenAI error objects.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the route bodies' types at
+# definition time, and the request models are imported inside create_app.
+import asyncio
+import hmac
+import logging
+import secrets
+import socket
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from cart.config import check_type, flag
+from cart.engines import check_runtime
+from cart.io import CartError
+
+log = logging.getLogger("cart.serve")
+
+COMPOSED_KEEP = 8  # request-time compositions kept ready (by their parts' names and hashes)
+
+
+@dataclass
+class ServeConfig:
+    cartridges: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_tokens: int = 1024  # cap on a request's max_tokens (and the default when omitted)
+    max_prompt_tokens: int = 0  # 0: the model's context
+    max_body_bytes: int = 1 << 20
+    max_concurrent: int = 64  # requests running + waiting; more get 429
+    max_batch: int = 32  # rows decoded together
+    cache_bytes: int = 4 << 30  # cartridges kept in memory (LRU)
+    shutdown_timeout: float = 120.0  # seconds in-flight requests get after SIGTERM
+    engine: str = "transformers"
+    dtype: str = "float32"
+    device: str = "auto"
+
+    def __post_init__(self):
+        from cart.io import parse_size
+
+        for name in ("max_body_bytes", "cache_bytes"):  # "4GiB" from a flag or a config file
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, parse_size(getattr(self, name), flag(name)))
+        check_type("cartridges", self.cartridges, str)
+        if not self.cartridges:
+            raise CartError("--cartridges DIR is required (a directory of .safetensors cartridges)")
+        check_type("host", self.host, str)
+        if self.api_key is not None:
+            check_type("api_key", self.api_key, str)
+            if not self.api_key:
+                raise CartError("--api-key must not be empty")
+        for name in ("port", "max_tokens", "max_prompt_tokens", "max_body_bytes", "max_concurrent",
+                     "max_batch", "cache_bytes"):
+            check_type(name, getattr(self, name), int)
+        if not 0 <= self.port <= 65535:
+            raise CartError(f"--port must be 0..65535, got {self.port}")
+        for name in ("max_tokens", "max_body_bytes", "max_concurrent", "max_batch", "cache_bytes"):
+            if getattr(self, name) < 1:
+                raise CartError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.max_prompt_tokens < 0:
+            raise CartError(f"--max-prompt-tokens must be >= 0, got {self.max_prompt_tokens}")
+        check_type("shutdown_timeout", self.shutdown_timeout, (int, float))
+        if self.shutdown_timeout <= 0:
+            raise CartError(f"--shutdown-timeout must be > 0, got {self.shutdown_timeout}")
+        check_runtime(self.engine, self.dtype)
+
+    def public(self) -> dict[str, Any]:
+        """The resolved config, with the API key hidden (it is logged and shown on /health)."""
+        out = asdict(self)
+        out["api_key"] = "(set)" if self.api_key else None
+        return out
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.type, self.param, self.code = status, type_, param, code
+
+
+class TextStream:
+    """Generated token ids -> text deltas: holds back an incomplete UTF-8 character and any
+    tail that could be the start of a stop string; ends the text at the first stop string."""
+
+    def __init__(self, tokenizer: Any, stops: list[str]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.finished = False
+
+    def push(self, token_id: int, eos: bool) -> tuple[str, bool]:
+        """(new text that is safe to send, whether a stop string ended the text)."""
+        if not eos:
+            self.ids.append(token_id)
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            return self._send(len(self.text)), True
+        safe = len(self.text.rstrip("\ufffd"))  # a multi-byte character still incomplete
+        for s in self.stops:
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if self.text[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+        return self._send(max(safe, self.sent)), False
+
+    def flush(self) -> str:
+        return self._send(len(self.text))
+
+    def _send(self, upto: int) -> str:
+        delta = self.text[self.sent:upto]
+        self.sent = max(self.sent, upto)
+        return delta
+
+
+def _kv_prefix(cart: Any, key: str):
+    from cart.engines.base import KVPrefix
+
+    return KVPrefix(key, [cart.layer(i) for i in range(cart.num_layers)], cart.num_tokens,
+                    cart.query_position)
+
+
+class CartServer:
+    """What the routes share: engine, store, scheduler and the request -> generation logic."""
+
+    def __init__(self, cfg: ServeConfig, engine: Any, store: Any):
+        from cart.scheduler import Scheduler
+
+        self.cfg, self.engine, self.store = cfg, engine, store
+        self.tokenizer = engine.tokenizer
+        self.base = engine.identity.model_id
+        self.context = engine.max_context
+        self.max_prompt = cfg.max_prompt_tokens or self.context
+        self.started = int(time.time())
+        self.scheduler = Scheduler(engine, cfg.max_batch, cfg.max_concurrent)
+        self._composed: OrderedDict[tuple, Any] = OrderedDict()
+
+    # -- cartridges --------------------------------------------------------------------------
+    def _entry(self, name: str, param: str):
+        from cart.store import UnknownCartridge
+
+        try:
+            return self.store.entry(name)
+        except UnknownCartridge as e:
+            raise APIError(404, f"{e}; GET /v1/models lists the cartridges", param=param,
+                           code="model_not_found") from None
+
+    @staticmethod
+    def _prefix_of(entry: Any):
+        """The entry's KVPrefix, made once: the engine keeps one converted copy per KVPrefix
+        object, so every request on this cartridge shares it (until the file changes)."""
+        if entry.kv_prefix is None:
+            entry.kv_prefix = _kv_prefix(entry.cartridge, entry.sha256)
+        return entry.kv_prefix
+
+    def resolve(self, model: str, cartridges: list[str] | None):
+        """The KV prefix a request asks for (None: the bare base model)."""
+        if cartridges:
+            if model != self.base:
+                raise APIError(400, f"with 'cartridges', 'model' must name the base model "
+                                    f"({self.base!r}), got {model!r}", param="model")
+            entries = [self._entry(n, "cartridges") for n in cartridges]
+            if len(entries) == 1:
+                return self._prefix_of(entries[0])
+            key = tuple((e.name, e.sha256) for e in entries)
+            kvp = self._composed.pop(key, None)
+            if kvp is None:
+                from cart.compose import compose_parts
+
+                try:
+                    cart = compose_parts([(e.name, e.cartridge, e.sha256) for e in entries])
+                except CartError as e:
+                    raise APIError(400, f"cannot compose {', '.join(cartridges)}: {e}",
+                                   param="cartridges") from None
+                kvp = _kv_prefix(cart, "+".join(f"{n}:{h}" for n, h in key))
+            self._composed[key] = kvp
+            while len(self._composed) > COMPOSED_KEEP:
+                self._composed.popitem(last=False)
+            return kvp
+        if model == self.base:
+            return None
+        return self._prefix_of(self._entry(model, "model"))
+
+    def models(self) -> list[dict[str, Any]]:
+        out = [{"id": self.base, "object": "model", "created": self.started, "owned_by": "cart"}]
+        for name in self.store.names():
+            entry = self.store.entry(name)
+            cart = entry.cartridge
+            out.append({"id": name, "object": "model", "created": entry.stamp[1] // 1_000_000_000,
+                        "owned_by": "cart", "root": self.base, "parent": self.base,
+                        "cartridge": {"tokens": cart.num_tokens, "kv_bytes": entry.nbytes,
+                                      "query_position": cart.query_position,
+                                      "corpus_tokens": cart.metadata.get("corpus_tokens")}})
+        return out
+
+    # -- generation --------------------------------------------------------------------------
+    def requests(self, prompts: list[list[int]], body: Any, max_tokens: int | None, kv_prefix: Any):
+        """One GenerationRequest per choice (each prompt ``n`` times), within the limits."""
+        from cart.engines.base import GenerationRequest
+
+        first = kv_prefix.first_position if kv_prefix is not None else 0
+        if max_tokens is not None and max_tokens > self.cfg.max_tokens:
+            raise APIError(400, f"max_tokens {max_tokens} is above this server's cap of "
+                                f"{self.cfg.max_tokens}", param="max_tokens")
+        out = []
+        for ids in prompts:
+            if not ids:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            if len(ids) > self.max_prompt:
+                raise APIError(400, f"the prompt is {len(ids)} tokens; this server takes at most "
+                                    f"{self.max_prompt}", param="messages", code="prompt_too_long")
+            room = self.context - first - len(ids)
+            want = max_tokens if max_tokens is not None else min(self.cfg.max_tokens, room)
+            if want > room:
+                raise APIError(400, f"this model's context is {self.context} tokens: the cartridge's "
+                                    f"{first} + the prompt's {len(ids)} + max_tokens {want} exceed "
+                                    f"it", param="max_tokens", code="context_length_exceeded")
+            for _ in range(body.n):
+                out.append(GenerationRequest(ids, want, temperature=body.temperature if
+                                             body.temperature is not None else 1.0,
+                                             kv_prefix=kv_prefix, ignore_eos=body.ignore_eos))
+        return out
+
+    def generate(self, requests: list[Any], stops: list[str], seed: int | None
+                 ) -> AsyncIterator[tuple[int, str, str | None, int]]:
+        """Submit every choice now (overload is an APIError here, before any response goes
+        out); the returned iterator yields (choice index, text delta, finish reason or None,
+        tokens so far)."""
+        from cart.scheduler import Overloaded
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        tickets = []
+        try:
+            for i, r in enumerate(requests):
+                choice_seed = seed + i if seed is not None else secrets.randbits(62)
+                tickets.append(self.scheduler.submit(
+                    r, choice_seed,
+                    lambda tok, done, reason, err, i=i: loop.call_soon_threadsafe(
+                        events.put_nowait, (i, tok, done, reason, err))))
+        except Overloaded as e:
+            for t in tickets:
+                self.scheduler.cancel(t)
+            if e.status == 429:
+                raise APIError(429, str(e), "rate_limit_error", code="rate_limit_exceeded") from None
+            raise APIError(503, str(e), "server_error", code="shutting_down") from None
+        return self._results(requests, tickets, events, stops)
+
+    async def _results(self, requests, tickets, events, stops):
+        texts = [TextStream(self.tokenizer, stops) for _ in requests]
+        counts = [0] * len(requests)
+        live = len(requests)
+        try:
+            while live:
+                i, tok, done, reason, err = await events.get()
+                text = texts[i]
+                if text.finished:
+                    continue
+                if err is not None:
+                    raise APIError(500, err, "server_error")
+                counts[i] += 1
+                delta, stopped = text.push(tok, eos=reason == "eos")
+                finish = None
+                if stopped:
+                    self.scheduler.cancel(tickets[i])
+                    finish = "stop"
+                elif done:
+                    delta += text.flush()
+                    finish = "stop" if reason == "eos" else "length"
+                if finish:
+                    text.finished = True
+                    live -= 1
+                if delta or finish:
+                    yield i, delta, finish, counts[i]
+        finally:
+            for t in tickets:
+                self.scheduler.cancel(t)
+
+
+def create_app(server: CartServer):
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    from cart.chat import render_ids
+    from cart.openai_api import ChatCompletionRequest, CompletionRequest, error_body
+
+    cfg = server.cfg
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        # uvicorn has let in-flight requests finish; the scheduler drains what is left
+        await asyncio.to_thread(server.scheduler.close, cfg.shutdown_timeout)
+
+    app = FastAPI(title="cart serve", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return JSONResponse(error_body(str(e), e.type, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        err = e.errors()[0]
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        # a union's branch name (str, list[...]) in the location says nothing to the user
+        loc = [p for p in loc if not (p in ("str", "int", "float", "bool") or "[" in p or p.startswith("function-"))]
+        param = ".".join(loc) or None
+        msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field (not supported by this server)"
+        elif err.get("type") == "json_invalid":
+            msg, param = "the body is not valid JSON", None
+        return JSONResponse(error_body(f"{param}: {msg}" if param else msg, param=param),
+                            status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, e: HTTPException):
+        code = "not_found" if e.status_code == 404 else None
+        return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}",
+                                       param=None, code=code), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, e: Exception):
+        log.exception("request failed")
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"),
+                            status_code=500)
+
+    @app.get("/health")
+    async def health():
+        running, waiting = server.scheduler.counts()
+        st = server.scheduler.stats
+        return {"status": "ok", "model": server.base, "running": running, "waiting": waiting,
+                "cartridges_loaded": server.store.loaded_names(),
+                "cartridges_loaded_bytes": server.store.loaded_bytes(),
+                "kv_bytes": st.kv_bytes, "kv_bytes_peak": st.kv_bytes_peak,
+                "batch_peak": st.batch_peak, "steps": st.steps,
+                "tokens_generated": st.tokens, "requests": st.requests, "config": cfg.public()}
+
+    @app.get("/v1/models")
+    async def models():
+        data = await asyncio.to_thread(server.models)
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        for m in await asyncio.to_thread(server.models):
+            if m["id"] == model_id:
+                return m
+        raise APIError(404, f"no model or cartridge named {model_id!r}", param="model",
+                       code="model_not_found")
+
+    def respond(kind: str, body: Any, requests: list[Any], prompt_tokens: int):
+        created = int(time.time())
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        stream = server.generate(requests, body.stops(), body.seed)
+
+        def usage(completion: int) -> dict[str, int]:
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                    "total_tokens": prompt_tokens + completion}
+
+        def choice(i: int, text: str | None, finish: str | None, first: bool = False):
+            if kind == "chat":
+                delta = {"role": "assistant", "content": ""} if first else (
+                    {"content": text} if text else {})
+                return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+        if not body.stream:
+            async def collect():
+                texts = [""] * len(requests)
+                finish: list[str | None] = [None] * len(requests)
+                tokens = [0] * len(requests)
+                async for i, delta, reason, n in stream:
+                    texts[i] += delta
+                    tokens[i] = n
+                    finish[i] = reason or finish[i]
+                if kind == "chat":
+                    choices = [{"index": i, "message": {"role": "assistant", "content": t},
+                                "logprobs": None, "finish_reason": f}
+                               for i, (t, f) in enumerate(zip(texts, finish))]
+                else:
+                    choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
+                               for i, (t, f) in enumerate(zip(texts, finish))]
+                return {"id": rid, "object": obj, "created": created, "model": body.model,
+                        "choices": choices, "usage": usage(sum(tokens))}
+            return collect()
+
+        chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def sse(payload: dict) -> bytes:
+            import orjson
+
+            return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+        async def events():
+            head = {"id": rid, "object": chunk_obj, "created": created, "model": body.model}
+            tokens = [0] * len(requests)
+            if kind == "chat":
+                yield sse({**head, "choices": [choice(i, None, None, first=True)
+                                               for i in range(len(requests))]})
+            try:
+                async for i, delta, reason, n in stream:
+                    tokens[i] = n
+                    yield sse({**head, "choices": [choice(i, delta, reason)]})
+            except APIError as e:
+                yield sse(error_body(str(e), e.type, e.param, e.code))
+                return
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse({**head, "choices": [], "usage": usage(sum(tokens))})
+            yield b"data: [DONE]\n\n"
+
+        return events()
+
+    async def start(kind: str, body: Any, prompts: list[list[int]], max_tokens: int | None):
+        kv_prefix = await asyncio.to_thread(server.resolve, body.model, body.cartridges)
+        requests = server.requests(prompts, body, max_tokens, kv_prefix)
+        out = respond(kind, body, requests, sum(len(p) for p in prompts))
+        if not body.stream:
+            return await out
+        return StreamingResponse(out, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest):
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        try:
+            ids, _ = render_ids(server.tokenizer, messages, add_generation_prompt=True)
+        except Exception as e:  # the model's own chat template refused the conversation
+            raise APIError(400, f"the chat template rejected the messages: {e}",
+                           param="messages") from None
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        return await start("chat", body, [ids], max_tokens)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        prompts = [server.tokenizer(p).input_ids for p in body.prompts()]
+        return await start("text", body, prompts, body.max_tokens)
+
+    return Guard(app, cfg.api_key, cfg.max_body_bytes)
+
+
+class Guard:
+    """ASGI middleware in front of the app: the Bearer API key on /v1, and the body-size cap
+    (read in full, up to the cap, before the app sees it)."""
+
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_key and scope["path"].startswith("/v1"):
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + self.api_key.encode()):
+                return await _send_error(send, 401, "missing or invalid API key (Authorization: "
+                                                    "Bearer KEY)", code="invalid_api_key")
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        too_big = (413, f"request body over {self.max_body} bytes (--max-body-bytes)")
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            return await _send_error(send, *too_big, code="request_too_large")
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_body:
+                return await _send_error(send, *too_big, code="request_too_large")
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+async def _send_error(send, status: int, message: str, code: str | None = None):
+    import orjson
+
+    from cart.openai_api import error_body
+
+    data = orjson.dumps(error_body(message, "invalid_request_error", None, code))
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before serving, so a busy port is a one-line error and port 0 gets a free one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise CartError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(cfg: ServeConfig, model: str | None, quiet: bool = False, console: Any = None) -> None:
+    import uvicorn
+
+    from cart.engines import get_engine
+    from cart.models import resolve_device
+    from cart.store import CartridgeStore
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("cart serve: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+    store = CartridgeStore(cfg.cartridges, None, cfg.cache_bytes)  # checks the directory first
+    sock = _listen(cfg.host, cfg.port)
+    engine = get_engine(cfg.engine, model, dtype=cfg.dtype, device=resolve_device(cfg.device),
+                        console=console)
+    store.identity = engine.identity
+    server = CartServer(cfg, engine, store)
+    names = store.names()  # load (and check) what is there now; later files come on demand
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    log.warning("http://%s:%d/v1 -- model %s, %d cartridge(s) in %s%s", shown, port, server.base,
+                len(names), cfg.cartridges, ", API key required" if cfg.api_key else "")
+    log.info("config %s", {k: v for k, v in cfg.public().items()})
+    config = uvicorn.Config(create_app(server), log_level="warning" if quiet else "info",
+                            timeout_graceful_shutdown=cfg.shutdown_timeout, lifespan="on",
+                            access_log=not quiet, log_config=_stderr_log_config())
+    _GracefulServer(config).run(sockets=[sock])
+
+
+def _stderr_log_config() -> dict:
+    """uvicorn's logging, with its request log moved from stdout to stderr (stdout carries
+    data only, as for every cart command)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for handler in config["handlers"].values():
+        handler["stream"] = "ext://sys.stderr"
+    return config
+
+
+def _graceful_server_class():
+    import signal
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, except that a graceful stop (SIGTERM, or a first Ctrl-C) ends the
+        process with status 0 once the requests in flight are done, instead of re-raising the
+        signal; a second Ctrl-C still forces the exit."""
+
+        def handle_exit(self, sig, frame):
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            elif not self.should_exit:
+                log.warning("%s: no new connections; finishing the requests in flight",
+                            signal.Signals(sig).name)
+                self.should_exit = True
+
+    return GracefulServer
+
+
+def _GracefulServer(config):  # noqa: N802 -- a class built on first use (uvicorn imported lazily)
+    return _graceful_server_class()(config)

@@ -1,0 +1,306 @@
+"""cart serve: a real server process on a free port, driven with the official openai client.
+
+The tiny model here has a wide weight init (0.3) so greedy answers differ from prompt to
+prompt: equality between batched and lone answers then means something.
+"""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from openai import AsyncOpenAI, OpenAI
+
+from conftest import one_line_error
+
+from cart.kvcache import cartridge_from_tokens
+from cart.models import ModelIdentity, load_model, load_tokenizer, resolve_model
+from tiny import TRAINING_TEXT, build_tiny_model
+
+KEY = "test-key-123"
+QUESTIONS = ["Where do ships dock?", "Who founded the cooperative?", "How many bridges?",
+             "What is the answer?", "Name a number.", "Which tram line?", "When was 2091?",
+             "Say something about the fox."]
+
+
+@pytest.fixture(scope="module")
+def peaked_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("peaked") / "model", seed=3, init_range=0.3)
+
+
+@pytest.fixture(scope="module")
+def carts(peaked_model, tmp_path_factory) -> Path:
+    """alpha/beta/gamma: cartridges of 8, 12 and 16 tokens from different parts of the text."""
+    ref = resolve_model(str(peaked_model))
+    model, tok, ident = load_model(ref), load_tokenizer(ref), ModelIdentity.of(ref)
+    md = {"base_model": ident.model_id, "model_config_hash": ident.config_hash,
+          "tokenizer_hash": ident.tokenizer_hash}
+    ids = tok(TRAINING_TEXT).input_ids
+    d = tmp_path_factory.mktemp("carts")
+    for i, name in enumerate(("alpha", "beta", "gamma")):
+        cart = cartridge_from_tokens(model, torch.tensor(ids[i * 10:i * 10 + 8 + 4 * i]), metadata=md)
+        cart.save(d / f"{name}.safetensors")
+    return d
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, carts: Path, home: Path, log: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {**os.environ, "CART_HOME": str(home), "CART_API_KEY": KEY}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cart", "serve", "--cartridges", str(carts), "-m", str(model),
+             "--port", str(self.port), *args],
+            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=env)
+        deadline = time.time() + 120
+        while True:
+            assert self.proc.poll() is None, f"server exited: {log.read_text()}"
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.2)
+
+    def client(self, key: str = KEY, cls=OpenAI):
+        return cls(base_url=self.url + "/v1", api_key=key, max_retries=0)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def server(peaked_model, carts, cart_home, tmp_path_factory):
+    s = Server(peaked_model, carts, cart_home, tmp_path_factory.mktemp("log") / "serve.log")
+    yield s
+    assert s.stop() == 0
+
+
+def ask(client, model, question, max_tokens=12, **kw):
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                       max_tokens=max_tokens, temperature=0, **kw)
+    return r.choices[0].message.content
+
+
+def test_chat_streaming_and_not_agree(server):
+    c = server.client()
+    r = c.chat.completions.create(model="alpha", messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                  max_tokens=12, temperature=0)
+    assert r.object == "chat.completion" and r.model == "alpha"
+    assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens > 5
+    text = r.choices[0].message.content
+    assert text
+    stream = c.chat.completions.create(model="alpha", stream=True, temperature=0, max_tokens=12,
+                                       messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                       stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            pieces.append(ch.delta.content or "")
+            finish = ch.finish_reason or finish
+    assert "".join(pieces) == text
+    assert finish == r.choices[0].finish_reason and usage.completion_tokens == r.usage.completion_tokens
+    # the cartridge matters: another cartridge, or none, answers differently
+    answers = {ask(c, m, QUESTIONS[0]) for m in ("alpha", "beta", "gamma", server_base(c))}
+    assert len(answers) >= 3
+
+
+def server_base(client) -> str:
+    return client.models.list().data[0].id
+
+
+def test_models_list(server):
+    c = server.client()
+    ids = [m.id for m in c.models.list().data]
+    assert ids == ["model", "alpha", "beta", "gamma"]
+    alpha = c.models.retrieve("alpha")
+    assert alpha.cartridge["tokens"] == 8 and alpha.owned_by == "cart"
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("nope")
+
+
+def test_completions_compose_and_hot_pickup(server, carts, run_cart):
+    c = server.client()
+    r = c.completions.create(model="model", prompt="Orbital freight", max_tokens=10, temperature=0,
+                             extra_body={"cartridges": ["alpha", "beta"]})
+    assert r.object == "text_completion" and r.usage.completion_tokens >= 1
+    composed = r.choices[0].text
+    # the same composition written by `cart compose` and dropped in the directory: picked up
+    # without a restart, and it answers exactly as the request-time composition
+    out = carts / "alphabeta.safetensors"
+    proc = run_cart("compose", carts / "alpha.safetensors", carts / "beta.safetensors", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        assert "alphabeta" in [m.id for m in c.models.list().data]
+        r2 = c.completions.create(model="alphabeta", prompt="Orbital freight", max_tokens=10, temperature=0)
+        assert r2.choices[0].text == composed
+        plain = c.completions.create(model="alpha", prompt="Orbital freight", max_tokens=10, temperature=0)
+        assert plain.choices[0].text != composed
+        # several prompts and n: choice i*n + j
+        many = c.completions.create(model="alpha", prompt=["Orbital freight", "Meridian"], n=2,
+                                    max_tokens=6, temperature=0)
+        texts = [ch.text for ch in sorted(many.choices, key=lambda ch: ch.index)]
+        assert len(texts) == 4 and texts[0] == texts[1] and texts[2] == texts[3]
+    finally:
+        out.unlink()
+    assert "alphabeta" not in [m.id for m in c.models.list().data]
+
+
+def test_stop_sequences(server):
+    c = server.client()
+    full = ask(c, "beta", QUESTIONS[1], max_tokens=16)
+    cut = full[3:5]
+    assert cut.strip(), full
+    r = c.chat.completions.create(model="beta", messages=[{"role": "user", "content": QUESTIONS[1]}],
+                                  max_tokens=16, temperature=0, stop=[cut])
+    assert r.choices[0].message.content == full[:full.index(cut)]
+    assert r.choices[0].finish_reason == "stop"
+    pieces = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="beta", messages=[{"role": "user", "content": QUESTIONS[1]}], max_tokens=16,
+        temperature=0, stop=cut, stream=True) if ch.choices]
+    assert "".join(pieces) == full[:full.index(cut)]
+
+
+def test_errors_are_openai_errors(server, carts):
+    c = server.client()
+    msg = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.AuthenticationError) as e:
+        server.client(key="wrong").chat.completions.create(model="alpha", messages=msg)
+    assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/v1/models").status_code == 401  # no key at all
+    for name in ("nope", "../alpha", "alpha.safetensors", "/etc/passwd"):
+        with pytest.raises(openai.NotFoundError) as e:
+            c.chat.completions.create(model=name, messages=msg)
+        assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    bad = [({"top_p": 0.5}, "top_p"), ({"extra_body": {"colour": "red"}}, "colour"),
+           ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 10**6}, "max_tokens"),
+           ({"temperature": "hot"}, "temperature"), ({"n": 99}, "n"),
+           ({"extra_body": {"cartridges": ["alpha"]}}, "model")]
+    for kw, param in bad:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="alpha", messages=msg, **kw)
+        assert e.value.status_code == 400 and e.value.body["param"] == param, (kw, e.value.body)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="alpha", messages=[{"role": "robot", "content": "x"}])
+    assert e.value.body["param"] == "messages.0.role"
+    with pytest.raises(openai.BadRequestError) as e:  # cartridge + prompt + max_tokens > context
+        c.completions.create(model="gamma", prompt="fox " * 3300, max_tokens=1024)
+    assert e.value.body["code"] == "context_length_exceeded"
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json",
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "alpha", "messages": [{"role": "user", "content": "x" * (2 << 20)}]})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.get(server.url + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and "error" in r.json()
+    # a corrupt cartridge is refused with its reason, logged, and the server carries on
+    (carts / "broken.safetensors").write_bytes(b"\x00" * 64)
+    try:
+        with pytest.raises(openai.NotFoundError) as e:
+            c.chat.completions.create(model="broken", messages=msg)
+        assert "unusable" in e.value.body["message"]
+        assert "broken" not in [m.id for m in c.models.list().data]
+        assert ask(c, "alpha", "hi")
+    finally:
+        (carts / "broken.safetensors").unlink()
+    assert "rejected cartridge broken" in server.log.read_text()
+
+
+def test_concurrent_requests_over_three_cartridges_equal_each_alone(server):
+    """32 simultaneous greedy requests over 3 cartridges (and different prompts and lengths)
+    decode in shared steps; every answer equals the same request served alone."""
+    jobs = [(("alpha", "beta", "gamma")[i % 3], QUESTIONS[i % len(QUESTIONS)], 6 + i % 7)
+            for i in range(32)]
+    alone = [ask(server.client(), m, q, n) for m, q, n in jobs]
+    before = httpx.get(server.url + "/health").json()
+
+    async def together():
+        client = server.client(cls=AsyncOpenAI)
+        rs = await asyncio.gather(*(client.chat.completions.create(
+            model=m, messages=[{"role": "user", "content": q}], max_tokens=n, temperature=0)
+            for m, q, n in jobs))
+        return [r.choices[0].message.content for r in rs]
+
+    assert asyncio.run(together()) == alone
+    assert len(set(alone)) > 8  # the answers are not all alike
+    health = httpx.get(server.url + "/health").json()
+    assert health["batch_peak"] > before["batch_peak"] >= 1  # they really shared steps
+
+
+def _log(tmp_path):
+    return tmp_path / "serve.log"
+
+
+def test_overload_is_429_and_sigterm_lets_requests_finish(peaked_model, carts, cart_home, tmp_path):
+    s = Server(peaked_model, carts, cart_home, _log(tmp_path), "--max-concurrent", "2",
+               "--max-batch", "1", "-q")
+    try:
+        async def flood():
+            client = s.client(cls=AsyncOpenAI)
+            return await asyncio.gather(*(client.chat.completions.create(
+                model="alpha", messages=[{"role": "user", "content": "x"}], max_tokens=60,
+                temperature=0, extra_body={"ignore_eos": True}) for _ in range(6)),
+                return_exceptions=True)
+
+        results = asyncio.run(flood())
+        refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+        done = [r for r in results if not isinstance(r, Exception)]
+        assert refused and done and len(refused) + len(done) == 6
+        assert all(r.usage.completion_tokens == 60 for r in done)
+
+        # SIGTERM during a stream: the stream still ends whole, then the process exits 0
+        stream = s.client().chat.completions.create(
+            model="beta", messages=[{"role": "user", "content": "x"}], max_tokens=300,
+            temperature=0, stream=True, extra_body={"ignore_eos": True},
+            stream_options={"include_usage": True})
+        chunks = iter(stream)
+        next(chunks)
+        s.proc.send_signal(signal.SIGTERM)
+        rest = list(chunks)
+        assert rest[-1].usage.completion_tokens == 300
+        assert [c.choices[0].finish_reason for c in rest if c.choices][-1] == "length"
+        assert s.proc.wait(60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(s.url + "/health")
+    finally:
+        s.stop()
+
+
+def test_bad_arguments_are_one_line_errors(run_cart, tmp_path, peaked_model, carts):
+    err = one_line_error(run_cart("serve", "--cartridges", tmp_path / "none", "-m", peaked_model))
+    assert err == f"cart: error: {tmp_path / 'none'}: not a directory of cartridges"
+    err = one_line_error(run_cart("serve", "-m", peaked_model))
+    assert err == "cart: error: --cartridges DIR is required (a directory of .safetensors cartridges)"
+    err = one_line_error(run_cart("serve", "--cartridges", carts, "--max-batch", "0"))
+    assert err == "cart: error: --max-batch must be >= 1, got 0"
+    err = one_line_error(run_cart("serve", "--cartridges", carts, "--cache-bytes", "lots"))
+    assert err == "cart: error: --cache-bytes must be a size such as 1048576, 512MiB or 4GiB, got 'lots'"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        err = one_line_error(run_cart("serve", "--cartridges", carts, "-m", peaked_model,
+                                      "--port", port))
+    assert err.startswith(f"cart: error: cannot listen on 127.0.0.1:{port}: ")
