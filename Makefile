@@ -66,6 +66,8 @@ bench: install
 	$(PY) bench/synth.py
 	@echo "== cart distill training step vs plain forward+backward on the same tokens"
 	$(PY) bench/distill.py
+	@echo "== cart serve: N concurrent users, corpus in context vs a p=128 cartridge each"
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

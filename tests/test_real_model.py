@@ -250,3 +250,65 @@ def _one_convo(real_env, tmp_path) -> bytes:
                     "--max-tokens", "96", "--seed-prompts", "recite", "--max-tokens-b", "8", "-o", out)
         assert proc.returncode == 0, proc.stderr.decode()
     return out.read_bytes()
+
+
+def test_serve_on_smollm2(smollm, real_home, tmp_path):
+    """cart serve on the real model with two first-tokens cartridges: the openai client gets
+    what the engine generates in-process from the same prompt and cartridge, streaming or not,
+    alone or with concurrent requests on the other cartridge and on the bare model."""
+    import asyncio
+
+    from openai import AsyncOpenAI
+    from serving import Server
+
+    from cart.chat import render_ids
+    from cart.engines.base import GenerationRequest, KVPrefix
+    from cart.engines.hf import TransformersEngine
+    from cart.kvcache import cartridge_from_tokens
+
+    ref, model, tok, ident = smollm
+    md = {"base_model": ident.model_id, "model_config_hash": ident.config_hash,
+          "tokenizer_hash": ident.tokenizer_hash}
+    carts = tmp_path / "carts"
+    carts.mkdir()
+    made = {}
+    for name in ("orbital", "meridian"):
+        ids = torch.tensor(tok((REPO / "examples" / name / "corpus.md").read_text()).input_ids[:128])
+        made[name] = cartridge_from_tokens(model, ids, metadata=md)
+        made[name].save(carts / f"{name}.safetensors")
+    question = "What is this document about?"
+    engine = TransformersEngine(model, tok, ident)
+    prompt, _ = render_ids(tok, [{"role": "user", "content": question}], True)
+    c = made["orbital"]
+    kvp = KVPrefix("o", [c.layer(i) for i in range(c.num_layers)], c.num_tokens, c.query_position)
+    (want,) = engine.generate([GenerationRequest(prompt, 24, kv_prefix=kvp)], seed=0)
+    want_text = tok.decode(want.token_ids, skip_special_tokens=True)
+
+    server = Server(None, carts, real_home[0], tmp_path / "serve.log")
+    try:
+        client = server.client()
+        assert [m.id for m in client.models.list().data] == [ident.model_id, "meridian", "orbital"]
+        msgs = [{"role": "user", "content": question}]
+        r = client.chat.completions.create(model="orbital", messages=msgs, max_tokens=24, temperature=0)
+        assert r.choices[0].message.content == want_text and want_text.strip()
+        assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == len(want.token_ids)
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+            model="orbital", messages=msgs, max_tokens=24, temperature=0, stream=True) if ch.choices)
+        assert streamed == want_text
+        jobs = [(m, q) for m in ("orbital", "meridian", ident.model_id)
+                for q in (question, "Name one fact from the document.")]
+        alone = [client.chat.completions.create(model=m, messages=[{"role": "user", "content": q}],
+                                                max_tokens=16, temperature=0).choices[0].message.content
+                 for m, q in jobs]
+
+        async def together():
+            ac = server.client(cls=AsyncOpenAI)
+            rs = await asyncio.gather(*(ac.chat.completions.create(
+                model=m, messages=[{"role": "user", "content": q}], max_tokens=16, temperature=0)
+                for m, q in jobs))
+            return [x.choices[0].message.content for x in rs]
+
+        assert asyncio.run(together()) == alone
+        assert len(set(alone)) >= 4
+    finally:
+        assert server.stop() == 0

@@ -5,27 +5,23 @@ prompt: equality between batched and lone answers then means something.
 """
 
 import asyncio
-import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import torch
-from openai import AsyncOpenAI, OpenAI
+from openai import AsyncOpenAI
 
 from conftest import one_line_error
 
 from cart.kvcache import cartridge_from_tokens
 from cart.models import ModelIdentity, load_model, load_tokenizer, resolve_model
+from serving import KEY, Server
 from tiny import TRAINING_TEXT, build_tiny_model
 
-KEY = "test-key-123"
 QUESTIONS = ["Where do ships dock?", "Who founded the cooperative?", "How many bridges?",
              "What is the answer?", "Name a number.", "Which tram line?", "When was 2091?",
              "Say something about the fox."]
@@ -51,47 +47,13 @@ def carts(peaked_model, tmp_path_factory) -> Path:
     return d
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model: Path, carts: Path, home: Path, log: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = {**os.environ, "CART_HOME": str(home), "CART_API_KEY": KEY}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cart", "serve", "--cartridges", str(carts), "-m", str(model),
-             "--port", str(self.port), *args],
-            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=env)
-        deadline = time.time() + 120
-        while True:
-            assert self.proc.poll() is None, f"server exited: {log.read_text()}"
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.2)
-
-    def client(self, key: str = KEY, cls=OpenAI):
-        return cls(base_url=self.url + "/v1", api_key=key, max_retries=0)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
-
-
 @pytest.fixture(scope="module")
 def server(peaked_model, carts, cart_home, tmp_path_factory):
     s = Server(peaked_model, carts, cart_home, tmp_path_factory.mktemp("log") / "serve.log")
     yield s
     assert s.stop() == 0
+    assert s.stdout.read_bytes() == b""  # stdout carries data only: the request log is on stderr
+    assert "POST /v1/chat/completions" in s.log.read_text()
 
 
 def ask(client, model, question, max_tokens=12, **kw):

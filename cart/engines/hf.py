@@ -23,6 +23,10 @@ from cart.models import context_length
 class TransformersEngine(Engine):
     def __init__(self, model: Any, tokenizer: Any, identity: Any,
                  prefix_cache_bytes: int = 4 << 30):
+        from cart.attention import register
+
+        # cart_gqa reads the shared KV prefixes (cartridges): without it they would be ignored
+        model.set_attn_implementation(register())
         self.model = model
         # KV of shared prompt prefixes (a chunk's system prompt, used by A and then by B),
         # least recently used first; bounded in bytes.
@@ -48,9 +52,6 @@ class TransformersEngine(Engine):
         ref = resolve_model(model, console)
         tokenizer = load_tokenizer(ref)
         hf_model = load_model(ref, dtype=dtype, device=device)
-        from cart.attention import register
-
-        hf_model.set_attn_implementation(register())
         return cls(hf_model, tokenizer, ModelIdentity.of(ref, hf_model.config, tokenizer))
 
     def open_batch(self) -> TransformersBatch:
