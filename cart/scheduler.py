@@ -137,19 +137,19 @@ class Scheduler:
                     t.done = True
                 room = self.max_batch - len(self._running)
                 joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            if gone:
+                self._batch.drop([t.row for t in gone])
+            if joining:
+                admitted = self._admit(joining)
+                with self._cond:
+                    for t, row in admitted:
+                        t.row = row
+                        self._running[id(row)] = t
             try:
-                if gone:
-                    self._batch.drop([t.row for t in gone])
-                if joining:
-                    rows = self._batch.add([t.request for t in joining], [t.seed for t in joining])
-                    with self._cond:
-                        for t, row in zip(joining, rows):
-                            t.row = row
-                            self._running[id(row)] = t
                 events = self._batch.step()
             except Exception as e:  # an engine failure fails its requests, not the server
                 log.exception("decode step failed")
-                self._fail(joining, f"generation failed: {type(e).__name__}: {e}")
+                self._fail([], f"generation failed: {type(e).__name__}: {e}")
                 continue
             self.stats.steps += 1
             self.stats.tokens += len(events)
@@ -169,13 +169,31 @@ class Scheduler:
                 if t is not None and not t.cancelled:
                     t.on_event(ev.token_id, ev.done, ev.reason, None)
 
-    def _fail(self, joining: list[Ticket], message: str) -> None:
+    def _admit(self, joining: list[Ticket]) -> list[tuple[Ticket, Any]]:
+        """Prefill the newcomers into the batch. If that fails (the batch is untouched then),
+        each is tried alone, so only the request that cannot run gets the error."""
+        try:
+            return list(zip(joining, self._batch.add([t.request for t in joining],
+                                                     [t.seed for t in joining])))
+        except Exception as e:
+            if len(joining) > 1:
+                return [pair for t in joining for pair in self._admit([t])]
+            log.warning("request refused by the engine: %s: %s", type(e).__name__, e)
+            self._fail(joining, f"generation failed: {type(e).__name__}: {e}", everyone=False)
+            return []
+
+    def _fail(self, tickets: list[Ticket], message: str, everyone: bool = True) -> None:
+        """Fail ``tickets`` -- and, with ``everyone``, every running request, starting over
+        with an empty batch (after a failed step its state is unknown)."""
         with self._cond:
-            failed = list(self._running.values()) + [t for t in joining if t.row is None]
-            self._running.clear()
+            failed = list(tickets)
+            if everyone:
+                failed += self._running.values()
+                self._running.clear()
             for t in failed:
                 t.done = True
             self._cond.notify_all()
-        self._batch = self.engine.open_batch()
+        if everyone:
+            self._batch = self.engine.open_batch()
         for t in failed:
             t.on_event(None, True, None, message)

@@ -18,6 +18,7 @@ import logging
 import secrets
 import socket
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -152,6 +153,7 @@ class CartServer:
         self.started = int(time.time())
         self.scheduler = Scheduler(engine, cfg.max_batch, cfg.max_concurrent)
         self._composed: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()  # resolve() runs on worker threads
 
     # -- cartridges --------------------------------------------------------------------------
     def _entry(self, name: str, param: str):
@@ -163,13 +165,13 @@ class CartServer:
             raise APIError(404, f"{e}; GET /v1/models lists the cartridges", param=param,
                            code="model_not_found") from None
 
-    @staticmethod
-    def _prefix_of(entry: Any):
+    def _prefix_of(self, entry: Any):
         """The entry's KVPrefix, made once: the engine keeps one converted copy per KVPrefix
         object, so every request on this cartridge shares it (until the file changes)."""
-        if entry.kv_prefix is None:
-            entry.kv_prefix = _kv_prefix(entry.cartridge, entry.sha256)
-        return entry.kv_prefix
+        with self._lock:
+            if entry.kv_prefix is None:
+                entry.kv_prefix = _kv_prefix(entry.cartridge, entry.sha256)
+            return entry.kv_prefix
 
     def resolve(self, model: str, cartridges: list[str] | None):
         """The KV prefix a request asks for (None: the bare base model)."""
@@ -181,7 +183,8 @@ class CartServer:
             if len(entries) == 1:
                 return self._prefix_of(entries[0])
             key = tuple((e.name, e.sha256) for e in entries)
-            kvp = self._composed.pop(key, None)
+            with self._lock:
+                kvp = self._composed.pop(key, None)
             if kvp is None:
                 from cart.compose import compose_parts
 
@@ -191,9 +194,10 @@ class CartServer:
                     raise APIError(400, f"cannot compose {', '.join(cartridges)}: {e}",
                                    param="cartridges") from None
                 kvp = _kv_prefix(cart, "+".join(f"{n}:{h}" for n, h in key))
-            self._composed[key] = kvp
-            while len(self._composed) > COMPOSED_KEEP:
-                self._composed.popitem(last=False)
+            with self._lock:
+                self._composed[key] = kvp
+                while len(self._composed) > COMPOSED_KEEP:
+                    self._composed.popitem(last=False)
             return kvp
         if model == self.base:
             return None
@@ -212,7 +216,8 @@ class CartServer:
         return out
 
     # -- generation --------------------------------------------------------------------------
-    def requests(self, prompts: list[list[int]], body: Any, max_tokens: int | None, kv_prefix: Any):
+    def requests(self, prompts: list[list[int]], body: Any, max_tokens: int | None, kv_prefix: Any,
+                 prompt_param: str):
         """One GenerationRequest per choice (each prompt ``n`` times), within the limits."""
         from cart.engines.base import GenerationRequest
 
@@ -223,13 +228,13 @@ class CartServer:
         out = []
         for ids in prompts:
             if not ids:
-                raise APIError(400, "the prompt is empty", param="prompt")
+                raise APIError(400, "the prompt is empty", param=prompt_param)
             if len(ids) > self.max_prompt:
                 raise APIError(400, f"the prompt is {len(ids)} tokens; this server takes at most "
-                                    f"{self.max_prompt}", param="messages", code="prompt_too_long")
+                                    f"{self.max_prompt}", param=prompt_param, code="prompt_too_long")
             room = self.context - first - len(ids)
             want = max_tokens if max_tokens is not None else min(self.cfg.max_tokens, room)
-            if want > room:
+            if want > room or room < 1:
                 raise APIError(400, f"this model's context is {self.context} tokens: the cartridge's "
                                     f"{first} + the prompt's {len(ids)} + max_tokens {want} exceed "
                                     f"it", param="max_tokens", code="context_length_exceeded")
@@ -251,7 +256,8 @@ class CartServer:
         tickets = []
         try:
             for i, r in enumerate(requests):
-                choice_seed = seed + i if seed is not None else secrets.randbits(62)
+                # any client integer is a valid seed: fold it into the generator's 63 bits
+                choice_seed = (seed + i) % (1 << 63) if seed is not None else secrets.randbits(62)
                 tickets.append(self.scheduler.submit(
                     r, choice_seed,
                     lambda tok, done, reason, err, i=i: loop.call_soon_threadsafe(
@@ -435,7 +441,8 @@ def create_app(server: CartServer):
 
     async def start(kind: str, body: Any, prompts: list[list[int]], max_tokens: int | None):
         kv_prefix = await asyncio.to_thread(server.resolve, body.model, body.cartridges)
-        requests = server.requests(prompts, body, max_tokens, kv_prefix)
+        requests = server.requests(prompts, body, max_tokens, kv_prefix,
+                                   "messages" if kind == "chat" else "prompt")
         out = respond(kind, body, requests, sum(len(p) for p in prompts))
         if not body.stream:
             return await out

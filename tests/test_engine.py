@@ -224,3 +224,40 @@ def test_text_stream_holds_back_stop_prefixes_and_partial_characters():
     assert ts.text == "ab Ex€"
     done = TextStream(Tok(), [])
     assert done.push(ord("a"), eos=False) == ("a", False) and done.push(2, eos=True) == ("", False)
+
+
+def test_scheduler_streams_tokens_and_isolates_a_failing_request(engine):
+    """The decode thread of cart serve: tokens come back one event each, equal to a lone run; a
+    request whose prefill fails gets an error and the others carry on."""
+    import threading
+
+    from cart.scheduler import Overloaded, Scheduler
+
+    ps = prompts(engine)
+    scheduler = Scheduler(engine, max_batch=2, max_pending=3)
+    got: dict[int, list] = {0: [], 1: [], 2: []}
+    finished = threading.Semaphore(0)
+
+    def sink(i):
+        def on_event(token, done, reason, error):
+            got[i].append(error if error else token)
+            if done:
+                finished.release()
+        return on_event
+
+    good = [GenerationRequest(ps[0], 8), GenerationRequest(ps[1], 5)]
+    scheduler.submit(good[0], 0, sink(0))
+    scheduler.submit(GenerationRequest(ps[2], 0), 0, sink(1))  # max_new_tokens 0: refused by the engine
+    scheduler.submit(good[1], 0, sink(2))
+    with pytest.raises(Overloaded) as e:
+        scheduler.submit(good[1], 0, sink(2))
+    assert e.value.status == 429
+    for _ in range(3):
+        assert finished.acquire(timeout=60)
+    assert got[0] == engine.generate([good[0]], seed=0)[0].token_ids
+    assert got[2] == engine.generate([good[1]], seed=0)[0].token_ids
+    assert len(got[1]) == 1 and "max_new_tokens" in got[1][0]
+    scheduler.close(timeout=30)
+    with pytest.raises(Overloaded) as e:
+        scheduler.submit(good[1], 0, sink(2))
+    assert e.value.status == 503
