@@ -75,17 +75,19 @@ class Sampling(Strict):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+def _unsupported(v):
+    """For fields accepted only when they ask for nothing (false, 0 or null)."""
+    if v:
+        raise ValueError("not supported by this server")
+    return v
+
+
 class ChatCompletionRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     logprobs: Optional[bool] = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
+    _no_logprobs = field_validator("logprobs")(_unsupported)
 
 
 class CompletionRequest(Sampling):
@@ -101,19 +103,7 @@ class CompletionRequest(Sampling):
             raise ValueError(f"give 1 to {MAX_N} prompts")
         return v
 
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
+    _no_echo_or_logprobs = field_validator("echo", "logprobs")(_unsupported)
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)

@@ -158,7 +158,7 @@ def test_errors_are_openai_errors(server, carts):
     bad = [({"top_p": 0.5}, "top_p"), ({"extra_body": {"colour": "red"}}, "colour"),
            ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 10**6}, "max_tokens"),
            ({"temperature": "hot"}, "temperature"), ({"n": 99}, "n"),
-           ({"extra_body": {"cartridges": ["alpha"]}}, "model")]
+           ({"logprobs": True}, "logprobs"), ({"extra_body": {"cartridges": ["alpha"]}}, "model")]
     for kw, param in bad:
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model="alpha", messages=msg, **kw)
