@@ -120,10 +120,9 @@ def build_methods(engine, *, no_context: bool, icl: Sequence[str], truncate: Seq
 
         data = _read_bytes(path)
         cart = Cartridge.from_bytes(data, path, engine.identity)
-        kv = [cart.layer(i) for i in range(cart.num_layers)]
         digest = hashlib.sha256(data).hexdigest()
         methods.append(Method(name, "cartridge", cart.num_tokens, path,
-                              kv_prefix=KVPrefix(digest, kv, cart.num_tokens, cart.query_position),
+                              kv_prefix=KVPrefix.of_cartridge(cart, digest),
                               digest=digest,
                               info={"p": cart.num_tokens, "corpus_tokens": cart.metadata.get("corpus_tokens"),
                                     "parts": len(cart.metadata.get("parts") or []) or None}))

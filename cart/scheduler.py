@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cart.engines.base import GenerationRequest
@@ -48,7 +47,6 @@ class Ticket:
     request: GenerationRequest
     seed: int
     on_event: Callable[[int | None, bool, str | None, str | None], None]
-    submitted: float = field(default_factory=time.monotonic)
     row: Any = None  # the engine's batch row, once admitted
     cancelled: bool = False
     done: bool = False
@@ -124,8 +122,8 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._stopped or self._waiting or self._running
-                                    or any(t.cancelled for t in self._running.values()))
+                # (a cancelled request is still in _running until this thread drops it)
+                self._cond.wait_for(lambda: self._stopped or self._waiting or self._running)
                 if self._stopped and not self._waiting and not self._running:
                     return
                 gone = [t for t in self._running.values() if t.cancelled]

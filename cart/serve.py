@@ -132,13 +132,6 @@ class TextStream:
         return delta
 
 
-def _kv_prefix(cart: Any, key: str):
-    from cart.engines.base import KVPrefix
-
-    return KVPrefix(key, [cart.layer(i) for i in range(cart.num_layers)], cart.num_tokens,
-                    cart.query_position)
-
-
 class CartServer:
     """What the routes share: engine, store, scheduler and the request -> generation logic."""
 
@@ -170,7 +163,9 @@ class CartServer:
         object, so every request on this cartridge shares it (until the file changes)."""
         with self._lock:
             if entry.kv_prefix is None:
-                entry.kv_prefix = _kv_prefix(entry.cartridge, entry.sha256)
+                from cart.engines.base import KVPrefix
+
+                entry.kv_prefix = KVPrefix.of_cartridge(entry.cartridge, entry.sha256)
             return entry.kv_prefix
 
     def resolve(self, model: str, cartridges: list[str] | None):
@@ -193,7 +188,9 @@ class CartServer:
                 except CartError as e:
                     raise APIError(400, f"cannot compose {', '.join(cartridges)}: {e}",
                                    param="cartridges") from None
-                kvp = _kv_prefix(cart, "+".join(f"{n}:{h}" for n, h in key))
+                from cart.engines.base import KVPrefix
+
+                kvp = KVPrefix.of_cartridge(cart, "+".join(f"{n}:{h}" for n, h in key))
             with self._lock:
                 self._composed[key] = kvp
                 while len(self._composed) > COMPOSED_KEEP:
@@ -205,10 +202,9 @@ class CartServer:
 
     def models(self) -> list[dict[str, Any]]:
         out = [{"id": self.base, "object": "model", "created": self.started, "owned_by": "cart"}]
-        for name in self.store.names():
-            entry = self.store.entry(name)
+        for entry in self.store.entries():
             cart = entry.cartridge
-            out.append({"id": name, "object": "model", "created": entry.stamp[1] // 1_000_000_000,
+            out.append({"id": entry.name, "object": "model", "created": entry.stamp[1] // 1_000_000_000,
                         "owned_by": "cart", "root": self.base, "parent": self.base,
                         "cartridge": {"tokens": cart.num_tokens, "kv_bytes": entry.nbytes,
                                       "query_position": cart.query_position,

@@ -1,8 +1,9 @@
 """The cartridge store of ``cart serve``: the cartridges of one directory, by name.
 
 A cartridge's name is its file name without ``.safetensors``. Names come from requests, so a
-name is only ever looked up among the directory's own entries (never joined into a path): no
-``..``, no separators, no symlink leaving the directory. Files are loaded on first use and kept
+name must match a pattern with no separators (and no leading dot) before it is joined to the
+directory, and the file it names must resolve to a regular file directly inside the directory:
+no ``..``, no symlink leaving it. A request's lookup costs one stat, not a directory listing. Files are loaded on first use and kept
 in memory, least recently used first, within a bound on their total bytes; a file that changed
 on disk (size or mtime) is reloaded, and new files are seen on the next listing -- no restart.
 A corrupt file, or one trained for another model, is rejected with a logged reason and never
@@ -49,6 +50,7 @@ class CartridgeStore:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise CartError(f"{self.directory}: not a directory of cartridges")
+        self._root = self.directory.resolve()
         self.identity = identity  # cart.models.ModelIdentity: cartridges must fit it
         self.max_bytes = max_bytes
         self._loaded: OrderedDict[str, Entry] = OrderedDict()
@@ -56,35 +58,31 @@ class CartridgeStore:
         self._lock = threading.Lock()
 
     # -- what is there ---------------------------------------------------------------------
-    def _files(self) -> dict[str, Path]:
-        """name -> file, for the regular files directly inside the directory."""
-        out = {}
-        root = self.directory.resolve()
-        for p in self.directory.iterdir():
-            if not p.name.endswith(SUFFIX):
-                continue
-            name = p.name[: -len(SUFFIX)]
-            if not _NAME.match(name):
-                continue
+    def _file(self, name: Any) -> Path | None:
+        """The file holding cartridge ``name``: a regular file directly inside the directory
+        (the name pattern has no separators; a symlink out of the directory does not count)."""
+        if not isinstance(name, str) or not _NAME.match(name):
+            return None
+        path = self.directory / (name + SUFFIX)
+        try:
+            real = path.resolve(strict=True)
+        except OSError:
+            return None
+        return path if real.parent == self._root and real.is_file() else None
+
+    def entries(self) -> list[Entry]:
+        """The usable cartridges now, by name (loading or checking the new and changed ones)."""
+        out = []
+        for name in sorted(p.name[: -len(SUFFIX)] for p in self.directory.iterdir()
+                           if p.name.endswith(SUFFIX)):
             try:
-                real = p.resolve(strict=True)
-            except OSError:
+                out.append(self.entry(name))
+            except UnknownCartridge:
                 continue
-            if real.parent != root or not real.is_file():
-                continue  # a symlink out of the directory, or not a file
-            out[name] = p
         return out
 
     def names(self) -> list[str]:
-        """The usable cartridges now (loading or checking the new and changed ones)."""
-        names = []
-        for name in sorted(self._files()):
-            try:
-                self.get(name)
-            except UnknownCartridge:
-                continue
-            names.append(name)
-        return names
+        return [e.name for e in self.entries()]
 
     def rejected(self) -> dict[str, str]:
         return {name: reason for name, (_, reason) in self._rejected.items()}
@@ -98,14 +96,15 @@ class CartridgeStore:
         """The store's entry for ``name`` (cartridge, bytes, file stamp, sha256)."""
         from cart.cartridge import Cartridge
 
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise UnknownCartridge(f"no cartridge named {name!r}")
-        path = self._files().get(name)
-        if path is None:
+        path = self._file(name)
+        try:
+            st = path.stat() if path is not None else None
+        except OSError:  # removed since
+            st = None
+        if st is None:
             with self._lock:
                 self._loaded.pop(name, None)
             raise UnknownCartridge(f"no cartridge named {name!r}")
-        st = path.stat()
         stamp = (st.st_size, st.st_mtime_ns)
         with self._lock:
             entry = self._loaded.get(name)

@@ -280,7 +280,7 @@ def test_serve_on_smollm2(smollm, real_home, tmp_path):
     engine = TransformersEngine(model, tok, ident)
     prompt, _ = render_ids(tok, [{"role": "user", "content": question}], True)
     c = made["orbital"]
-    kvp = KVPrefix("o", [c.layer(i) for i in range(c.num_layers)], c.num_tokens, c.query_position)
+    kvp = KVPrefix.of_cartridge(c, "o")
     (want,) = engine.generate([GenerationRequest(prompt, 24, kv_prefix=kvp)], seed=0)
     want_text = tok.decode(want.token_ids, skip_special_tokens=True)
 

@@ -44,10 +44,12 @@ class KVPrefix:
         """The position of the first token after the prefix."""
         return self.tokens if self.next_position is None else self.next_position
 
-    @property
-    def shift(self) -> int:
-        """How far positions after the prefix lag behind its length."""
-        return self.tokens - self.first_position
+    @classmethod
+    def of_cartridge(cls, cart: Any, key: str) -> KVPrefix:
+        """A cartridge (``cart.cartridge.Cartridge``, composed or not) as a KV prefix named
+        ``key`` (its content hash), queries at its ``query_position``."""
+        return cls(key, [cart.layer(i) for i in range(cart.num_layers)], cart.num_tokens,
+                   cart.query_position)
 
 
 @dataclass

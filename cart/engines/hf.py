@@ -20,6 +20,11 @@ from cart.engines.base import (Engine, Generation, GenerationRequest, KVPrefix, 
 from cart.models import context_length
 
 
+def kv_nbytes(layers: list[tuple[Any, Any]]) -> int:
+    """Bytes of per-layer (keys, values) tensors."""
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+
+
 class TransformersEngine(Engine):
     def __init__(self, model: Any, tokenizer: Any, identity: Any,
                  prefix_cache_bytes: int = 4 << 30):
@@ -158,8 +163,7 @@ class TransformersEngine(Engine):
                            cart_prefixes=self.shared_prefix(kv_prefix))
             kv = [(layer.keys, layer.values) for layer in cache.layers]
         self._prefixes[key] = kv  # most recently used last
-        per_entry = lambda e: sum(k.numel() * k.element_size() * 2 for k, _ in e)  # noqa: E731
-        while len(self._prefixes) > 1 and sum(map(per_entry, self._prefixes.values())) > self._prefix_cache_bytes:
+        while len(self._prefixes) > 1 and sum(map(kv_nbytes, self._prefixes.values())) > self._prefix_cache_bytes:
             self._prefixes.pop(next(iter(self._prefixes)))
         return kv
 
@@ -182,7 +186,6 @@ class BatchRow:
     out: Generation
     length: int  # tokens in the row's own cache (prompt, then the generated ones fed back)
     position: int  # position id of the next token fed back
-    done: bool = False
 
 
 @dataclass
@@ -304,11 +307,9 @@ class TransformersBatch:
         """Bytes of KV the batch holds: the row buffers, plus each shared prefix once."""
         if not self.rows:
             return 0
-        own = sum(layer._k.numel() * layer._k.element_size() * 2 for layer in self.cache.layers)
+        own = kv_nbytes([(layer._k, layer._v) for layer in self.cache.layers])
         shared = {id(r.request.kv_prefix): r.request.kv_prefix for r in self.rows if r.request.kv_prefix}
-        per = sum(sum(k.numel() * k.element_size() * 2 for k, _ in self.engine.prefix_layers(p))
-                  for p in shared.values())
-        return own + per
+        return own + sum(kv_nbytes(self.engine.prefix_layers(p)) for p in shared.values())
 
     def step(self) -> list[StepEvent]:
         """One token for every row; then one forward pass for the rows that go on."""
@@ -343,8 +344,7 @@ class TransformersBatch:
                 out.looped, reason = True, "loop"
             else:
                 keep.append(i)
-            row.done = reason is not None
-            events.append(StepEvent(row, token, row.done, reason))
+            events.append(StepEvent(row, token, reason is not None, reason))
         # Drop finished rows so the rest decode at the batch size they need: rows are
         # independent (each attends only to its own cache and prefix), so results do not change.
         self._keep(keep)
