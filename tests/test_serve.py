@@ -5,6 +5,7 @@ prompt: equality between batched and lone answers then means something.
 """
 
 import asyncio
+import os
 import signal
 import socket
 from pathlib import Path
@@ -29,7 +30,8 @@ QUESTIONS = ["Where do ships dock?", "Who founded the cooperative?", "How many b
 
 @pytest.fixture(scope="module")
 def peaked_model(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("peaked") / "model", seed=3, init_range=0.3)
+    return build_tiny_model(tmp_path_factory.mktemp("peaked") / "model", seed=3, init_range=0.3,
+                            head_dim=32)  # vLLM serves it too
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +49,24 @@ def carts(peaked_model, tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(scope="module")
-def server(peaked_model, carts, cart_home, tmp_path_factory):
-    s = Server(peaked_model, carts, cart_home, tmp_path_factory.mktemp("log") / "serve.log")
+def engine_param(name: str):
+    """The engines every server test runs on: vLLM's tests are skipped where it is not
+    installed, unless CART_REQUIRE_VLLM=1 (make test)."""
+    if name == "vllm" and os.environ.get("CART_REQUIRE_VLLM") != "1":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            return pytest.param(name, marks=pytest.mark.skip(reason="vLLM is not installed"))
+    return pytest.param(name, marks=pytest.mark.vllm) if name == "vllm" else name
+
+
+ENGINES = [engine_param("transformers"), engine_param("vllm")]
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def server(request, peaked_model, carts, cart_home, tmp_path_factory):
+    s = Server(peaked_model, carts, cart_home, tmp_path_factory.mktemp("log") / "serve.log",
+               "--engine", request.param)
     yield s
     assert s.stop() == 0
     assert s.stdout.read_bytes() == b""  # stdout carries data only: the request log is on stderr
@@ -215,9 +232,10 @@ def _log(tmp_path):
     return tmp_path / "serve.log"
 
 
-def test_overload_is_429_and_sigterm_lets_requests_finish(peaked_model, carts, cart_home, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_overload_is_429_and_sigterm_lets_requests_finish(engine, peaked_model, carts, cart_home, tmp_path):
     s = Server(peaked_model, carts, cart_home, _log(tmp_path), "--max-concurrent", "2",
-               "--max-batch", "1", "-q")
+               "--max-batch", "1", "-q", "--engine", engine)
     try:
         async def flood():
             client = s.client(cls=AsyncOpenAI)

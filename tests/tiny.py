@@ -23,8 +23,9 @@ TRAINING_TEXT = (
 
 
 def build_tiny_model(folder: Path, seed: int = 0, layers: int = 2, vocab_size: int = 384,
-                     init_range: float = 0.02) -> Path:
-    """Write a tiny Llama (2 layers, 2 KV heads, head_dim 16) and its tokenizer to ``folder``."""
+                     init_range: float = 0.02, head_dim: int = 16) -> Path:
+    """Write a tiny Llama (2 layers, 2 KV heads, head_dim 16) and its tokenizer to ``folder``.
+    (vLLM's CPU attention needs a head_dim of at least 32.)"""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -44,7 +45,7 @@ def build_tiny_model(folder: Path, seed: int = 0, layers: int = 2, vocab_size: i
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=4096,
         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
         initializer_range=init_range,
     )

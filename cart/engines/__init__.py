@@ -7,7 +7,7 @@ from typing import Any
 
 from cart.io import CartError
 
-ENGINES = ("transformers",)
+ENGINES = ("transformers", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -26,4 +26,8 @@ def get_engine(name: str, model: str | None, dtype: str = "float32", device: str
         from cart.engines.hf import TransformersEngine
 
         return TransformersEngine.load(model, dtype=dtype, device=device, console=console)
+    if name == "vllm":
+        from cart.engines.vllm import VLLMEngine
+
+        return VLLMEngine.load(model, dtype=dtype, device=device, console=console)
     raise AssertionError(f"engine {name!r} is in ENGINES but not built here")
