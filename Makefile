@@ -87,6 +87,8 @@ bench: install install-vllm
 	$(PY) bench/distill.py
 	@echo "== cart serve: N concurrent users, corpus in context vs a p=128 cartridge each"
 	$(PY) bench/serve.py
+	@echo "== the vLLM engine vs the transformers engine: synth and serve throughput"
+	$(PY) bench/vllm_engine.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

@@ -43,12 +43,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(carts: Path, model: str | None, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(carts: Path, model: str | None, max_batch: int,
+                 engine: str = "transformers") -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "cart", "serve", "--cartridges", str(carts), "--port", str(port),
-           "--max-batch", str(max_batch), "-q"]
+           "--max-batch", str(max_batch), "--engine", engine, "-q"]
     if model:
         cmd += ["-m", model]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -107,8 +107,9 @@ def _opt(flags: str | tuple[str, ...], help: str):
     return typer.Option(*names, help=help, show_default=False)
 
 
-# The generation runtime, shared by the stages that generate (synth, eval).
-EngineOpt = Annotated[Optional[str], _opt("--engine", "Model runtime: transformers. "
+# The generation runtime, shared by the stages that generate (synth, eval, serve).
+EngineOpt = Annotated[Optional[str], _opt("--engine", "Model runtime: transformers or vllm "
+                                                      "(needs vLLM: pip install 'cart[vllm]'). "
                                                       "[default: transformers]")]
 EngineDtypeOpt = Annotated[Optional[str], _opt("--dtype", "float32, bfloat16 or float16. "
                                                           "[default: float32]")]

@@ -381,7 +381,7 @@ def synthesize(inputs: Sequence[str], cfg: SynthConfig, model: str | None, outpu
     seeds = get_seed_prompts(cfg.seed_prompts)
     chunks, head_ids = load_chunks(inputs, cfg, model, console)
     engine = get_engine(cfg.engine, model, dtype=cfg.dtype, device=resolve_device(cfg.device),
-                        console=console)
+                        console=console, top_k=cfg.top_k)
     tok_hashes = {c.get("tokenizer", {}).get("hash") for c in chunks} - {None}
     if tok_hashes and tok_hashes != {engine.identity.tokenizer_hash}:
         console.warn("the chunks were cut with another tokenizer than the model's; their token "

@@ -5,6 +5,7 @@ prompt: equality between batched and lone answers then means something.
 """
 
 import asyncio
+import importlib.util
 import os
 import signal
 import socket
@@ -52,11 +53,9 @@ def carts(peaked_model, tmp_path_factory) -> Path:
 def engine_param(name: str):
     """The engines every server test runs on: vLLM's tests are skipped where it is not
     installed, unless CART_REQUIRE_VLLM=1 (make test)."""
-    if name == "vllm" and os.environ.get("CART_REQUIRE_VLLM") != "1":
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            return pytest.param(name, marks=pytest.mark.skip(reason="vLLM is not installed"))
+    if name == "vllm" and os.environ.get("CART_REQUIRE_VLLM") != "1" and \
+            importlib.util.find_spec("vllm") is None:
+        return pytest.param(name, marks=pytest.mark.skip(reason="vLLM is not installed"))
     return pytest.param(name, marks=pytest.mark.vllm) if name == "vllm" else name
 
 

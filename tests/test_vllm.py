@@ -34,7 +34,7 @@ def model_dir(tmp_path_factory):
 def engines(model_dir):
     from cart.engines import get_engine
 
-    vllm_engine = get_engine("vllm", str(model_dir))
+    vllm_engine = get_engine("vllm", str(model_dir), top_k=32)
     hf_engine = get_engine("transformers", str(model_dir))
     yield vllm_engine, hf_engine
     vllm_engine.close()
@@ -197,3 +197,69 @@ def test_prefix_cache_poisoning_refused(engines, prefixes):
     assert plain.token_ids == expect
     # while the cartridge, loaded properly, still answers as before
     assert vllm_engine.generate([GenerationRequest(q, 16, kv_prefix=long_)], 0)[0].token_ids == on_cart
+
+
+def _records(data: bytes):
+    import orjson
+
+    return [orjson.loads(line) for line in data.splitlines()]
+
+
+def test_synth_cli_on_vllm_matches_transformers(run_cart, model_dir, tmp_path):
+    """`cart synth --engine vllm`, run as a user runs it: greedy conversations token for token
+    the transformers engine's, teacher top-k log-probs within the tolerance (rounded to 1e-6 in
+    the records; k = 32 needs vLLM's max_logprobs raised), the engine recorded in the config."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TRAINING_TEXT * 6)
+    chunks = tmp_path / "chunks.jsonl"
+    assert run_cart("chunk", corpus, "-n", "2", "--min-tokens", "40", "--max-tokens", "80",
+                    "--model", model_dir, "-o", chunks).returncode == 0
+    args = ("synth", chunks, "-n", "4", "--seed", "0", "--max-tokens-a", "12", "--max-tokens-b", "16",
+            "--temperature-a", "0", "--temperature-b", "0", "--top-k", "32", "--logprob-mass", "1",
+            "--batch-size", "4", "--model", model_dir)
+    theirs = run_cart(*args)
+    ours = run_cart(*args, "--engine", "vllm", "-o", tmp_path / "convos.jsonl")
+    assert theirs.returncode == 0 and ours.returncode == 0, ours.stderr.decode()
+    a, b = _records((tmp_path / "convos.jsonl").read_bytes()), _records(theirs.stdout)
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert x["config"]["engine"] == "vllm" and y["config"]["engine"] == "transformers"
+        assert x["token_ids"] == y["token_ids"] and x["messages"] == y["messages"]
+        tx, ty = x["targets"], y["targets"]
+        assert tx["positions"] == ty["positions"]
+        for ids_x, lps_x, ids_y, lps_y in zip(tx["ids"], tx["logprobs"], ty["ids"], ty["logprobs"]):
+            # (the records keep candidates up to --logprob-mass 1: where the sum of probabilities
+            # reaches 1 in floating point, which may differ by a candidate)
+            assert abs(len(ids_x) - len(ids_y)) <= 1 and ids_x[0] == ids_y[0]
+            assert max(abs(p - q) for p, q in zip(lps_x, lps_y)) < LOGPROB_TOL
+
+
+def test_eval_cli_on_vllm_matches_transformers(run_cart, model_dir, tmp_path):
+    """`cart eval --engine vllm`: the same answers and log-likelihoods as the transformers
+    engine, for no context, ICL and a cartridge."""
+    import orjson
+
+    from cart.models import ModelIdentity, load_model, load_tokenizer, resolve_model
+    from cart.kvcache import cartridge_from_tokens
+
+    ref = resolve_model(str(model_dir))
+    model, tok, ident = load_model(ref), load_tokenizer(ref), ModelIdentity.of(ref)
+    corpus = tmp_path / "corpus.md"
+    corpus.write_text(TRAINING_TEXT)
+    ids = tok(TRAINING_TEXT, add_special_tokens=False).input_ids
+    md = {"base_model": ident.model_id, "model_config_hash": ident.config_hash,
+          "tokenizer_hash": ident.tokenizer_hash, "corpus_tokens": len(ids)}
+    cartridge_from_tokens(model, torch.tensor(ids[:16]), metadata=md).save(tmp_path / "c.safetensors")
+    questions = tmp_path / "q.jsonl"
+    questions.write_bytes(b"".join(orjson.dumps(
+        {"schema": "cart.questions/1", "id": f"q{i}", "question": q, "answers": ["bay seven"]}) + b"\n"
+        for i, q in enumerate(QUESTIONS)))
+    args = ("eval", questions, "-m", model_dir, "--no-context", "--icl", corpus, "-c",
+            tmp_path / "c.safetensors", "--max-new-tokens", "12")
+    theirs, ours = run_cart(*args), run_cart(*args, "--engine", "vllm")
+    assert theirs.returncode == 0 and ours.returncode == 0, ours.stderr.decode()
+    a, b = _records(ours.stdout), _records(theirs.stdout)
+    assert len(a) == len(b) == 3 * len(QUESTIONS)
+    for x, y in zip(a, b):
+        assert (x["method"], x["id"], x["prediction"]) == (y["method"], y["id"], y["prediction"])
+        assert abs(x["answer_nll"] - y["answer_nll"]) < 1e-3

@@ -20,7 +20,9 @@ def check_runtime(engine: str, dtype: str) -> None:
 
 
 def get_engine(name: str, model: str | None, dtype: str = "float32", device: str = "cpu",
-               console: Any = None):
+               console: Any = None, top_k: int = 0):
+    """``top_k``: the most teacher log-probs a request will ask for (vLLM reserves room for
+    them when it starts: its ``max_logprobs``)."""
     check_runtime(name, dtype)
     if name == "transformers":
         from cart.engines.hf import TransformersEngine
@@ -29,5 +31,6 @@ def get_engine(name: str, model: str | None, dtype: str = "float32", device: str
     if name == "vllm":
         from cart.engines.vllm import VLLMEngine
 
-        return VLLMEngine.load(model, dtype=dtype, device=device, console=console)
+        return VLLMEngine.load(model, dtype=dtype, device=device, console=console,
+                               max_logprobs=max(20, top_k))
     raise AssertionError(f"engine {name!r} is in ENGINES but not built here")

@@ -41,6 +41,8 @@ def _defaults_for_cpu() -> None:
     if cpus:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # its worker processes import modules that raise FutureWarnings on this torch
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
 
 
 def rotate_keys(config: Any, keys: Any, shift: int) -> Any:
@@ -115,9 +117,10 @@ class VLLMEngine(Engine):
 
     @classmethod
     def load(cls, model: str | None, dtype: str = "float32", device: str = "auto", console=None,
-             max_logprobs: int = 64, max_model_len: int | None = None):
+             max_logprobs: int = 20, max_model_len: int | None = None):
         from cart.models import ModelIdentity, context_length, load_config, load_tokenizer, resolve_model
 
+        _defaults_for_cpu()  # before vLLM is imported: it reads them then
         try:
             import vllm
         except ImportError:
@@ -131,7 +134,6 @@ class VLLMEngine(Engine):
         config = load_config(ref)
         context = min(context_length(config), max_model_len or (1 << 30))
         spool = Path(tempfile.mkdtemp(prefix="cart-vllm-kv-"))
-        _defaults_for_cpu()
         from vllm import EngineArgs, LLMEngine
         from vllm.config import KVTransferConfig
 
@@ -141,7 +143,7 @@ class VLLMEngine(Engine):
                                                          "placeholder": placeholder_id(tokenizer)})
         args = EngineArgs(model=ref.path, tokenizer=ref.path, dtype=dtype, seed=0,
                           max_model_len=context, max_logprobs=max_logprobs,
-                          enable_prefix_caching=True, kv_transfer_config=kv,
+                          enable_prefix_caching=True, kv_transfer_config=kv, use_tqdm_on_load=False,
                           # CUDA graphs pay off on a GPU; on a CPU compiling costs a minute
                           enforce_eager=resolve_vllm_device(device) == "cpu")
         try:
@@ -152,14 +154,14 @@ class VLLMEngine(Engine):
                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
         engine = cls(llm, tokenizer, ModelIdentity.of(ref, config, tokenizer), config, spool,
                      context, max_logprobs)
-        weakref.finalize(engine, shutil.rmtree, str(spool), True)
+        engine._finalizer = weakref.finalize(engine, _shut_down, llm, str(spool))
         return engine
 
     def close(self) -> None:
-        """Stop vLLM's engine process now (it would be stopped at exit anyway)."""
-        shutdown = getattr(getattr(self.llm, "engine_core", None), "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        """Stop vLLM's engine process and remove the spool now (else: at exit)."""
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()
 
     # -- cartridges ---------------------------------------------------------------------------
     def salt_of(self, kv_prefix: KVPrefix) -> str:
@@ -247,7 +249,8 @@ class VLLMEngine(Engine):
             max_tokens=r.max_new_tokens, temperature=r.temperature,
             seed=seed % (1 << 63) if r.temperature > 0 else None,
             logprobs=r.top_k_logprobs or None, ignore_eos=r.ignore_eos,
-            stop_token_ids=sorted(self.eos_token_ids), detokenize=False,
+            # vLLM's ignore_eos ignores only the tokenizer's EOS, not stop_token_ids
+            stop_token_ids=[] if r.ignore_eos else sorted(self.eos_token_ids), detokenize=False,
             skip_special_tokens=False,
             output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
             extra_args={"kv_transfer_params": transfer} if transfer else None)
@@ -389,6 +392,13 @@ class VLLMBatch:
             if out.finished:
                 del self.rows[out.request_id]
         return events
+
+
+def _shut_down(llm: Any, spool: str) -> None:
+    shutdown = getattr(getattr(llm, "engine_core", None), "shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    shutil.rmtree(spool, ignore_errors=True)
 
 
 def topk_of(step: Any, k: int) -> TopK:
