@@ -312,3 +312,42 @@ def test_serve_on_smollm2(smollm, real_home, tmp_path):
         assert len(set(alone)) >= 4
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.vllm
+def test_vllm_engine_on_smollm2_matches_transformers(real_home):
+    """The vLLM engine on the real model, in fp32 on this CPU: greedy answers with top-20
+    teacher log-probs, bare and after a cartridge of the corpus's first 128 tokens (as is, and
+    noised like a trained one), equal the transformers engine's (log-probs within 1e-4)."""
+    if os.environ.get("CART_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm", reason="vLLM is not installed (make test installs it)")
+    from cart.chat import render_ids
+    from cart.engines import get_engine
+    from cart.engines.base import GenerationRequest, KVPrefix
+
+    path = real_home[1][0]["path"]
+    hf = get_engine("transformers", path)
+    tok = hf.tokenizer
+    ids = tok(CORPUS.read_text(encoding="utf-8"), add_special_tokens=False).input_ids[:128]
+    kv, _ = hf.prefill(GenerationRequest(ids, 1))
+    gen = torch.Generator().manual_seed(0)
+    layers = [(k[0], v[0]) for k, v in kv]
+    noised = [(k + 0.1 * k.std() * torch.randn(k.shape, generator=gen),
+               v + 0.1 * v.std() * torch.randn(v.shape, generator=gen)) for k, v in layers]
+    prefixes = [None, KVPrefix("first-128", layers, 128), KVPrefix("noised", noised, 128)]
+    questions = ["Who commands the station?", "What is docked at bay seven?", "Summarise the text."]
+    reqs = [GenerationRequest(render_ids(tok, [{"role": "user", "content": q}], True)[0], 32,
+                              top_k_logprobs=20, kv_prefix=p) for p in prefixes for q in questions]
+    vllm_engine = get_engine("vllm", path)
+    try:
+        ours = vllm_engine.generate(reqs, 0)
+    finally:
+        vllm_engine.close()
+    theirs = hf.generate(reqs, 0)
+    for a, b in zip(ours, theirs):
+        assert a.token_ids == b.token_ids
+        worst = max(abs(x - y) for ta, tb in zip(a.topk, b.topk) for x, y in zip(ta.logprobs, tb.logprobs))
+        assert worst < 1e-4
+    # the cartridges were loaded: each changes the answers
+    answers = [tuple(g.token_ids) for g in ours]
+    assert answers[:3] != answers[3:6] != answers[6:]

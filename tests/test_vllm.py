@@ -199,6 +199,27 @@ def test_prefix_cache_poisoning_refused(engines, prefixes):
     assert vllm_engine.generate([GenerationRequest(q, 16, kv_prefix=long_)], 0)[0].token_ids == on_cart
 
 
+def test_preempted_requests_load_their_cartridge_again(model_dir, engines, prefixes):
+    """A request preempted for lack of KV blocks loses them; when it resumes the connector
+    loads its cartridge again (here with vLLM's prefix cache off, so nothing else restores it)."""
+    from cart.engines.base import GenerationRequest
+    from cart.engines.vllm import VLLMEngine
+
+    _, hf = engines
+    small = VLLMEngine.load(str(model_dir), max_model_len=256, engine_args={
+        "num_gpu_blocks_override": 10, "block_size": 32, "enable_prefix_caching": False})
+    try:
+        reqs = [GenerationRequest(prompt(hf.tokenizer, QUESTIONS[i]), 100, ignore_eos=True,
+                                  kv_prefix=prefixes[name])
+                for i, name in enumerate(("plain", "noised", "composed", "noised"))]
+        ours = small.generate(reqs, 0)
+        preemptions = sum(m.value for m in small.llm.get_metrics() if m.name == "vllm:num_preemptions")
+    finally:
+        small.close()
+    assert preemptions > 0  # 4 requests of 5 blocks each, 10 blocks in all
+    assert [g.token_ids for g in ours] == [g.token_ids for g in hf.generate(reqs, 0)]
+
+
 def _records(data: bytes):
     import orjson
 

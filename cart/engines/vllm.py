@@ -117,7 +117,9 @@ class VLLMEngine(Engine):
 
     @classmethod
     def load(cls, model: str | None, dtype: str = "float32", device: str = "auto", console=None,
-             max_logprobs: int = 20, max_model_len: int | None = None):
+             max_logprobs: int = 20, max_model_len: int | None = None,
+             engine_args: dict[str, Any] | None = None):
+        """``engine_args``: more ``vllm.EngineArgs`` fields (e.g. ``gpu_memory_utilization``)."""
         from cart.models import ModelIdentity, context_length, load_config, load_tokenizer, resolve_model
 
         _defaults_for_cpu()  # before vLLM is imported: it reads them then
@@ -141,13 +143,14 @@ class VLLMEngine(Engine):
                               kv_connector_module_path="cart.engines.vllm_connector",
                               kv_connector_extra_config={"spool": str(spool),
                                                          "placeholder": placeholder_id(tokenizer)})
-        args = EngineArgs(model=ref.path, tokenizer=ref.path, dtype=dtype, seed=0,
-                          max_model_len=context, max_logprobs=max_logprobs,
-                          enable_prefix_caching=True, kv_transfer_config=kv, use_tqdm_on_load=False,
-                          # CUDA graphs pay off on a GPU; on a CPU compiling costs a minute
-                          enforce_eager=resolve_vllm_device(device) == "cpu")
+        args = dict(model=ref.path, tokenizer=ref.path, dtype=dtype, seed=0,
+                    max_model_len=context, max_logprobs=max_logprobs,
+                    enable_prefix_caching=True, kv_transfer_config=kv, use_tqdm_on_load=False,
+                    # CUDA graphs pay off on a GPU; on a CPU compiling costs a minute
+                    enforce_eager=resolve_vllm_device(device) == "cpu")
+        args.update(engine_args or {})
         try:
-            llm = LLMEngine.from_engine_args(args)
+            llm = LLMEngine.from_engine_args(EngineArgs(**args))
         except Exception as e:
             shutil.rmtree(spool, ignore_errors=True)
             raise CartError(f"vLLM could not start {ref.model_id}: {type(e).__name__}: "

@@ -106,6 +106,8 @@ class CartridgeConnector(KVConnectorBase_V1):
         self.spool = Path(extra["spool"])
         self.placeholder = int(extra["placeholder"])
         self.block_size = vllm_config.cache_config.block_size
+        # K/V go to the backend's op in the model's dtype: it quantizes for an fp8 cache itself
+        self.dtype = vllm_config.model_config.dtype
         self._pending: dict[str, tuple[str, int, int]] = {}  # request id -> (salt, start, end)
         self._refused: set[str] = set()
         self._loaded: OrderedDict[str, dict[str, Any]] = OrderedDict()  # worker: salt -> tensors
@@ -136,17 +138,23 @@ class CartridgeConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         meta = CartridgeMetadata()
-        for new in scheduler_output.scheduled_new_reqs:
-            load = self._pending.pop(new.req_id, None)
+        # new requests, and requests resumed after a preemption (their blocks were freed: they
+        # are allocated again and the cartridge loaded again); for a resumed request
+        # new_block_ids holds all of its blocks
+        scheduled = [(new.req_id, new.block_ids) for new in scheduler_output.scheduled_new_reqs]
+        cached = scheduler_output.scheduled_cached_reqs
+        scheduled += [(rid, blocks) for rid, blocks in zip(cached.req_ids, cached.new_block_ids)
+                      if rid in cached.resumed_req_ids and blocks is not None]
+        for req_id, block_ids in scheduled:
+            load = self._pending.pop(req_id, None)
             if load is None:
                 continue
             salt, start, end = load
-            blocks = new.block_ids[0]
+            blocks = block_ids[0]
             meta.loads.append(LoadSpec(salt, start, end, [
                 blocks[t // self.block_size] * self.block_size + t % self.block_size
                 for t in range(start, end)]))
-        # a request preempted before its first step is scheduled again as new: nothing to keep
-        self._pending.clear()
+        self._pending.clear()  # allocated but not scheduled: allocated again when it is
         return meta
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
@@ -181,8 +189,8 @@ class CartridgeConnector(KVConnectorBase_V1):
                 if cache is None or impl is None or found is None:
                     continue
                 i = int(found.group(1))
-                key = tensors[f"k.{i}"][load.start:load.end].to(device=cache.device, dtype=cache.dtype)
-                value = tensors[f"v.{i}"][load.start:load.end].to(device=cache.device, dtype=cache.dtype)
+                key = tensors[f"k.{i}"][load.start:load.end].to(device=cache.device, dtype=self.dtype)
+                value = tensors[f"v.{i}"][load.start:load.end].to(device=cache.device, dtype=self.dtype)
                 slots = torch.tensor(load.slots, dtype=torch.int64, device=cache.device)
                 impl.do_kv_cache_update(layer, key, value, cache, slots)
 
