@@ -199,6 +199,31 @@ def test_prefix_cache_poisoning_refused(engines, prefixes):
     assert vllm_engine.generate([GenerationRequest(q, 16, kv_prefix=long_)], 0)[0].token_ids == on_cart
 
 
+def test_spool_file_lives_as_long_as_its_kv_prefix(engines, prefixes):
+    import gc
+
+    from cart.engines.base import GenerationRequest, KVPrefix
+
+    vllm_engine, hf = engines
+    plain = prefixes["plain"]
+    twin = KVPrefix("twin", [(k.clone(), v.clone()) for k, v in plain.kv], plain.tokens)
+    req = GenerationRequest(prompt(hf.tokenizer, QUESTIONS[0]), 4, kv_prefix=twin)
+    assert vllm_engine.generate([req], 0)[0].token_ids == vllm_engine.generate(
+        [GenerationRequest(req.prompt_ids, 4, kv_prefix=plain)], 0)[0].token_ids
+    salt = vllm_engine.salt_of(twin)
+    assert salt == vllm_engine.salt_of(plain)  # same content, same salt, one file
+    path = vllm_engine.spool / f"{salt}.safetensors"
+    del twin, req
+    gc.collect()
+    assert path.exists()  # `plain` still uses it
+    other = KVPrefix("other", [(k + 1, v) for k, v in plain.kv], plain.tokens)
+    other_path = vllm_engine.spool / f"{vllm_engine.salt_of(other)}.safetensors"
+    assert other_path.exists() and other_path != path
+    del other
+    gc.collect()
+    assert not other_path.exists()
+
+
 def test_preempted_requests_load_their_cartridge_again(model_dir, engines, prefixes):
     """A request preempted for lack of KV blocks loses them; when it resumes the connector
     loads its cartridge again (here with vLLM's prefix cache off, so nothing else restores it)."""

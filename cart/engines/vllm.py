@@ -111,6 +111,8 @@ class VLLMEngine(Engine):
         self.eos_token_ids = eos_ids
         self.placeholder = placeholder_id(tokenizer)
         self._salts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KVPrefix -> salt
+        self._salt_users: dict[str, int] = {}  # salt -> KVPrefix objects alive with it
+        self._spool_lock = threading.Lock()
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._live: set[str] = set()  # request ids added and not finished
@@ -176,7 +178,8 @@ class VLLMEngine(Engine):
 
         from cart.engines.vllm_connector import cartridge_salt
 
-        salt = self._salts.get(kv_prefix)
+        with self._spool_lock:
+            salt = self._salts.get(kv_prefix)
         if salt is not None:
             return salt
         shift = kv_prefix.tokens - kv_prefix.first_position
@@ -190,12 +193,24 @@ class VLLMEngine(Engine):
                 digest.update(t.numpy().tobytes())
         salt = cartridge_salt(kv_prefix.tokens, digest.hexdigest()[:48])
         path = self.spool / f"{salt}.safetensors"
-        if not path.exists():
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file(tensors, str(tmp))
-            os.replace(tmp, path)
-        self._salts[kv_prefix] = salt
+        with self._spool_lock:
+            if not path.exists():
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                save_file(tensors, str(tmp))
+                os.replace(tmp, path)
+            self._salts[kv_prefix] = salt
+            self._salt_users[salt] = self._salt_users.get(salt, 0) + 1
+        # the file goes when the last KVPrefix with this content does (a request in flight
+        # holds its KVPrefix, so it can always be loaded again after a preemption)
+        weakref.finalize(kv_prefix, self._release, salt)
         return salt
+
+    def _release(self, salt: str) -> None:
+        with self._spool_lock:
+            self._salt_users[salt] -= 1
+            if self._salt_users[salt] == 0:
+                del self._salt_users[salt]
+                (self.spool / f"{salt}.safetensors").unlink(missing_ok=True)
 
     def vllm_prompt(self, prompt_ids: list[int], kv_prefix: KVPrefix | None) -> tuple[dict, dict | None]:
         """(vLLM prompt, kv_transfer_params) of a prompt after an optional KV prefix."""
