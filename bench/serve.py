@@ -103,6 +103,42 @@ def run_arm(url: str, jobs: list[tuple[str, list[dict]]], max_tokens: int) -> di
             "kv_bytes_peak": health["kv_bytes_peak"], "batch_peak": health["batch_peak"]}
 
 
+def workload(engine, users: int, corpus_tokens: int, p: int, max_tokens: int, carts: Path):
+    """Each user's corpus (a window of the example corpora), with that user's p-token cartridge
+    saved in ``carts`` as userN. Returns (ICL jobs, cartridge jobs, ICL KV tokens, cartridge KV
+    tokens): a job is (model, messages)."""
+    import torch
+
+    from cart.chat import render_ids
+    from cart.kvcache import cartridge_from_tokens
+    from cart.synth import SYSTEM_TEMPLATE
+
+    tok, ident = engine.tokenizer, engine.identity
+    text_ids = []
+    for path in CORPORA:
+        text_ids += tok(path.read_text(encoding="utf-8"), add_special_tokens=False).input_ids
+    if len(text_ids) < corpus_tokens:
+        raise SystemExit(f"the example corpora hold {len(text_ids)} tokens; --corpus-tokens "
+                         f"{corpus_tokens} is more")
+    stride = max(1, (len(text_ids) - corpus_tokens) // max(1, users - 1))
+    corpora = [text_ids[min(i * stride, len(text_ids) - corpus_tokens):][:corpus_tokens]
+               for i in range(users)]
+    md = {"base_model": ident.model_id, "model_config_hash": ident.config_hash,
+          "tokenizer_hash": ident.tokenizer_hash}
+    question = [{"role": "user", "content": QUESTION}]
+    icl_jobs, cart_jobs, icl_tokens, cart_tokens = [], [], 0, 0
+    for i, ids in enumerate(corpora):
+        with torch.inference_mode():
+            cart = cartridge_from_tokens(engine.model, torch.tensor(ids[:p]), metadata=md)
+        cart.save(carts / f"user{i}.safetensors")
+        icl_msgs = [{"role": "system", "content": SYSTEM_TEMPLATE.format(chunk=tok.decode(ids))}] + question
+        icl_jobs.append((ident.model_id, icl_msgs))
+        cart_jobs.append((f"user{i}", question))
+        icl_tokens += len(render_ids(tok, icl_msgs, True)[0]) + max_tokens
+        cart_tokens += p + len(render_ids(tok, question, True)[0]) + max_tokens
+    return icl_jobs, cart_jobs, icl_tokens, cart_tokens
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", type=int, default=4, help="concurrent users (default 4)")
@@ -116,38 +152,16 @@ def main() -> None:
     import torch
 
     from cart.cartridge import kv_bytes_per_token
-    from cart.chat import render_ids
     from cart.engines.hf import TransformersEngine
-    from cart.kvcache import cartridge_from_tokens
-    from cart.synth import SYSTEM_TEMPLATE
 
     engine = TransformersEngine.load(args.model)
-    tok, ident = engine.tokenizer, engine.identity
-    text_ids = []
-    for path in CORPORA:
-        text_ids += tok(path.read_text(encoding="utf-8"), add_special_tokens=False).input_ids
+    ident = engine.identity
     span = args.corpus_tokens
-    if len(text_ids) < span:
-        raise SystemExit(f"the example corpora hold {len(text_ids)} tokens; --corpus-tokens {span} is more")
-    stride = max(1, (len(text_ids) - span) // max(1, args.users - 1))
-    corpora = [text_ids[min(i * stride, len(text_ids) - span):][:span] for i in range(args.users)]
-    md = {"base_model": ident.model_id, "model_config_hash": ident.config_hash,
-          "tokenizer_hash": ident.tokenizer_hash}
-    question = [{"role": "user", "content": QUESTION}]
     per_token = kv_bytes_per_token(ident.num_layers, ident.kv_heads, ident.head_dim, "float32")
     with tempfile.TemporaryDirectory() as tmp:
         carts = Path(tmp)
-        icl_jobs, cart_jobs, icl_tokens, cart_tokens = [], [], 0, 0
-        for i, ids in enumerate(corpora):
-            with torch.inference_mode():
-                cart = cartridge_from_tokens(engine.model, torch.tensor(ids[:args.p]), metadata=md)
-            cart.save(carts / f"user{i}.safetensors")
-            system = SYSTEM_TEMPLATE.format(chunk=tok.decode(ids))
-            icl_msgs = [{"role": "system", "content": system}] + question
-            icl_jobs.append((ident.model_id, icl_msgs))
-            cart_jobs.append((f"user{i}", question))
-            icl_tokens += len(render_ids(tok, icl_msgs, True)[0]) + args.max_tokens
-            cart_tokens += args.p + len(render_ids(tok, question, True)[0]) + args.max_tokens
+        icl_jobs, cart_jobs, icl_tokens, cart_tokens = workload(
+            engine, args.users, span, args.p, args.max_tokens, carts)
         del engine
         arms = {}
         for name, jobs in (("ICL (corpus in context)", icl_jobs), (f"cartridge p={args.p}", cart_jobs)):

@@ -79,37 +79,17 @@ def bench_synth(args) -> dict:
 def bench_serve(args) -> dict:
     import tempfile
 
-    import torch
-
     from cart.chat import render_ids
     from cart.engines.hf import TransformersEngine
-    from cart.kvcache import cartridge_from_tokens
-    from cart.synth import SYSTEM_TEMPLATE
 
     sb = serve_bench()
     engine = TransformersEngine.load(args.model)
-    tok, ident = engine.tokenizer, engine.identity
-    text_ids = []
-    for path in sb.CORPORA:
-        text_ids += tok(path.read_text(encoding="utf-8"), add_special_tokens=False).input_ids
-    span = args.corpus_tokens
-    stride = max(1, (len(text_ids) - span) // max(1, args.users - 1))
-    corpora = [text_ids[min(i * stride, len(text_ids) - span):][:span] for i in range(args.users)]
-    md = {"base_model": ident.model_id, "model_config_hash": ident.config_hash,
-          "tokenizer_hash": ident.tokenizer_hash}
-    question = [{"role": "user", "content": sb.QUESTION}]
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         carts = Path(tmp)
-        icl_jobs, cart_jobs = [], []
-        for i, ids in enumerate(corpora):
-            with torch.inference_mode():
-                cart = cartridge_from_tokens(engine.model, torch.tensor(ids[:args.p]), metadata=md)
-            cart.save(carts / f"user{i}.safetensors")
-            icl_jobs.append((ident.model_id, [{"role": "system", "content": SYSTEM_TEMPLATE.format(
-                chunk=tok.decode(ids))}] + question))
-            cart_jobs.append((f"user{i}", question))
-        prompt_tokens = len(render_ids(tok, icl_jobs[0][1], True)[0])
+        icl_jobs, cart_jobs, _, _ = sb.workload(engine, args.users, args.corpus_tokens, args.p,
+                                                args.max_tokens, carts)
+        prompt_tokens = len(render_ids(engine.tokenizer, icl_jobs[0][1], True)[0])
         del engine
         for name in ("transformers", "vllm"):
             for arm, jobs in (("icl", icl_jobs), ("cartridge", cart_jobs)):

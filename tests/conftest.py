@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,6 +16,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import build_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tests of the vLLM engine: skipped where vLLM is not installed, unless CART_REQUIRE_VLLM=1
+# (make test, which installs it), where a missing vLLM fails them instead.
+NEEDS_VLLM = pytest.mark.skipif(
+    os.environ.get("CART_REQUIRE_VLLM") != "1" and importlib.util.find_spec("vllm") is None,
+    reason="vLLM is not installed (make test installs it)")
+VLLM = [pytest.mark.vllm, NEEDS_VLLM]
 CART = Path(sys.executable).parent / "cart"
 
 

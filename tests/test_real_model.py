@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CART, REPO, one_line_error
+from conftest import CART, NEEDS_VLLM, REPO, one_line_error
 
 pytestmark = pytest.mark.slow
 
@@ -315,12 +315,11 @@ def test_serve_on_smollm2(smollm, real_home, tmp_path):
 
 
 @pytest.mark.vllm
+@NEEDS_VLLM
 def test_vllm_engine_on_smollm2_matches_transformers(real_home):
     """The vLLM engine on the real model, in fp32 on this CPU: greedy answers with top-20
     teacher log-probs, bare and after a cartridge of the corpus's first 128 tokens (as is, and
     noised like a trained one), equal the transformers engine's (log-probs within 1e-4)."""
-    if os.environ.get("CART_REQUIRE_VLLM") != "1":
-        pytest.importorskip("vllm", reason="vLLM is not installed (make test installs it)")
     from cart.chat import render_ids
     from cart.engines import get_engine
     from cart.engines.base import GenerationRequest, KVPrefix

@@ -5,8 +5,6 @@ prompt: equality between batched and lone answers then means something.
 """
 
 import asyncio
-import importlib.util
-import os
 import signal
 import socket
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytest
 import torch
 from openai import AsyncOpenAI
 
-from conftest import one_line_error
+from conftest import VLLM, one_line_error
 
 from cart.kvcache import cartridge_from_tokens
 from cart.models import ModelIdentity, load_model, load_tokenizer, resolve_model
@@ -50,16 +48,8 @@ def carts(peaked_model, tmp_path_factory) -> Path:
     return d
 
 
-def engine_param(name: str):
-    """The engines every server test runs on: vLLM's tests are skipped where it is not
-    installed, unless CART_REQUIRE_VLLM=1 (make test)."""
-    if name == "vllm" and os.environ.get("CART_REQUIRE_VLLM") != "1" and \
-            importlib.util.find_spec("vllm") is None:
-        return pytest.param(name, marks=pytest.mark.skip(reason="vLLM is not installed"))
-    return pytest.param(name, marks=pytest.mark.vllm) if name == "vllm" else name
-
-
-ENGINES = [engine_param("transformers"), engine_param("vllm")]
+# the engines every server test runs on
+ENGINES = ["transformers", pytest.param("vllm", marks=VLLM)]
 
 
 @pytest.fixture(scope="module", params=ENGINES)

@@ -7,17 +7,13 @@ Needs vLLM (the CPU recipe: ``make test`` installs it). Without it these tests a
 unless CART_REQUIRE_VLLM=1 (as in ``make test``), where a missing vLLM fails them.
 """
 
-import os
-
 import pytest
 import torch
+from conftest import VLLM
 
 from tiny import TRAINING_TEXT, build_tiny_model
 
-if os.environ.get("CART_REQUIRE_VLLM") != "1":
-    pytest.importorskip("vllm", reason="vLLM is not installed (make test installs it)")
-
-pytestmark = pytest.mark.vllm
+pytestmark = VLLM
 
 QUESTIONS = ["Where do ships dock?", "Who founded the cooperative?", "How many bridges?",
              "What is the answer?", "Say something about the fox."]

@@ -103,6 +103,25 @@ def loop_start(tokens: list[int]) -> int | None:
     return None
 
 
+@dataclass
+class StepEvent:
+    """One token of a running batch (``cart serve``'s scheduler reads these from any engine)."""
+
+    row: Any  # the engine's row for the request
+    token_id: int
+    done: bool
+    reason: str | None  # when done: "eos", "length" or "loop"
+
+
+def eos_token_ids(eos: int | list[int] | None, tokenizer: Any) -> set[int]:
+    """The ids that end a generation: a config's ``eos_token_id`` (one or a list) and the
+    tokenizer's EOS."""
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
 class Engine:
     """What the self-study algorithm needs from a model runtime."""
 

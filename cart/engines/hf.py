@@ -15,8 +15,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from cart.engines.base import (Engine, Generation, GenerationRequest, KVPrefix, ScoreRequest, TopK,
-                               loop_start)
+from cart.engines.base import (Engine, Generation, GenerationRequest, KVPrefix, ScoreRequest, StepEvent,
+                               TopK, eos_token_ids, loop_start)
 from cart.models import context_length
 
 
@@ -42,12 +42,9 @@ class TransformersEngine(Engine):
         self.tokenizer = tokenizer
         self.identity = identity
         self.model_id = identity.model_id
-        eos = model.generation_config.eos_token_id if model.generation_config else None
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if tokenizer.eos_token_id is not None:
-            eos_ids.add(tokenizer.eos_token_id)
-        self.eos_token_ids = eos_ids
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+        self.eos_token_ids = eos_token_ids(
+            model.generation_config.eos_token_id if model.generation_config else None, tokenizer)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids)
         self.max_context = context_length(model.config)
 
     @classmethod
@@ -186,14 +183,6 @@ class BatchRow:
     out: Generation
     length: int  # tokens in the row's own cache (prompt, then the generated ones fed back)
     position: int  # position id of the next token fed back
-
-
-@dataclass
-class StepEvent:
-    row: BatchRow
-    token_id: int
-    done: bool
-    reason: str | None  # when done: "eos", "length" or "loop"
 
 
 class TransformersBatch:

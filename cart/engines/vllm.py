@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cart.engines.base import Engine, Generation, GenerationRequest, KVPrefix, ScoreRequest, TopK, loop_start
+from cart.engines.base import (Engine, Generation, GenerationRequest, KVPrefix, ScoreRequest, StepEvent,
+                               TopK, eos_token_ids, loop_start)
 from cart.io import CartError
 
 VLLM_VERSION = "0.32.0"  # the connector API is experimental: cart[vllm] pins this release
@@ -104,11 +105,7 @@ class VLLMEngine(Engine):
         self.spool = spool
         self.max_context = max_context
         self.max_logprobs = max_logprobs
-        eos = config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if tokenizer.eos_token_id is not None:
-            eos_ids.add(tokenizer.eos_token_id)
-        self.eos_token_ids = eos_ids
+        self.eos_token_ids = eos_token_ids(config.eos_token_id, tokenizer)
         self.placeholder = placeholder_id(tokenizer)
         self._salts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KVPrefix -> salt
         self._salt_users: dict[str, int] = {}  # salt -> KVPrefix objects alive with it
@@ -122,7 +119,8 @@ class VLLMEngine(Engine):
              max_logprobs: int = 20, max_model_len: int | None = None,
              engine_args: dict[str, Any] | None = None):
         """``engine_args``: more ``vllm.EngineArgs`` fields (e.g. ``gpu_memory_utilization``)."""
-        from cart.models import ModelIdentity, context_length, load_config, load_tokenizer, resolve_model
+        from cart.models import (ModelIdentity, context_length, load_config, load_tokenizer, resolve_device,
+                                 resolve_model)
 
         _defaults_for_cpu()  # before vLLM is imported: it reads them then
         try:
@@ -149,7 +147,7 @@ class VLLMEngine(Engine):
                     max_model_len=context, max_logprobs=max_logprobs,
                     enable_prefix_caching=True, kv_transfer_config=kv, use_tqdm_on_load=False,
                     # CUDA graphs pay off on a GPU; on a CPU compiling costs a minute
-                    enforce_eager=resolve_vllm_device(device) == "cpu")
+                    enforce_eager=resolve_device(device).split(":")[0] == "cpu")
         args.update(engine_args or {})
         try:
             llm = LLMEngine.from_engine_args(EngineArgs(**args))
@@ -253,7 +251,8 @@ class VLLMEngine(Engine):
             return outs
 
     # -- generation ---------------------------------------------------------------------------
-    def sampling_params(self, r: GenerationRequest, seed: int, delta: bool = False):
+    def sampling_params(self, r: GenerationRequest, seed: int, transfer: dict | None,
+                        delta: bool = False):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -262,7 +261,6 @@ class VLLMEngine(Engine):
         if r.top_k_logprobs > self.max_logprobs:
             raise ValueError(f"top-k {r.top_k_logprobs} is above this engine's max_logprobs "
                              f"{self.max_logprobs}")
-        _, transfer = self.vllm_prompt([], r.kv_prefix) if r.kv_prefix is not None else (None, None)
         return SamplingParams(
             max_tokens=r.max_new_tokens, temperature=r.temperature,
             seed=seed % (1 << 63) if r.temperature > 0 else None,
@@ -271,11 +269,11 @@ class VLLMEngine(Engine):
             stop_token_ids=[] if r.ignore_eos else sorted(self.eos_token_ids), detokenize=False,
             skip_special_tokens=False,
             output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
-            extra_args={"kv_transfer_params": transfer} if transfer else None)
+            extra_args=extra_args(transfer))
 
     def add(self, r: GenerationRequest, seed: int, delta: bool = False) -> str:
-        prompt, _ = self.vllm_prompt(r.prompt_ids, r.kv_prefix)
-        return self.submit(prompt, self.sampling_params(r, seed, delta))
+        prompt, transfer = self.vllm_prompt(r.prompt_ids, r.kv_prefix)
+        return self.submit(prompt, self.sampling_params(r, seed, transfer, delta))
 
     def generation(self, r: GenerationRequest, token_ids: list[int], logprobs: Any,
                    finished: bool) -> Generation:
@@ -300,8 +298,7 @@ class VLLMEngine(Engine):
         out = []
         for r, rid in zip(requests, ids):
             c = done[rid].outputs[0]
-            out.append(self.generation(r, c.token_ids, c.logprobs, c.finish_reason == "stop"
-                                       and not r.ignore_eos))
+            out.append(self.generation(r, c.token_ids, c.logprobs, end_reason(c, r) == "eos"))
         return out
 
     def _run(self, ids: list[str]) -> dict[str, Any]:
@@ -328,7 +325,7 @@ class VLLMEngine(Engine):
                 prompt["cache_salt"] = f"{prompt.get('cache_salt') or 'cart-score'}~{next(self._ids)}"
                 params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False,
                                         skip_reading_prefix_cache=False,
-                                        extra_args={"kv_transfer_params": transfer} if transfer else None)
+                                        extra_args=extra_args(transfer))
                 ids.append(self.submit(prompt, params))
                 spans.append((offset + r.target_start, offset + len(r.prompt_ids)))
             done = self._run(ids)
@@ -378,17 +375,16 @@ class VLLMBatch:
     def kv_bytes(self) -> int:
         """KV the running requests hold in vLLM's paged cache (cartridge, prompt and generated
         tokens; blocks vLLM shares between requests are counted for each)."""
-        from cart.models import kv_shape
+        from cart.cartridge import kv_bytes_per_token
 
-        layers, heads, dim = kv_shape(self.engine.config)
-        per_token = 2 * layers * heads * dim * 4  # float32 here; an upper bound for 16-bit caches
+        ident = self.engine.identity
+        # counted in float32 (an upper bound for a 16-bit cache)
+        per_token = kv_bytes_per_token(ident.num_layers, ident.kv_heads, ident.head_dim, "float32")
         return per_token * sum((row.request.kv_prefix.tokens if row.request.kv_prefix else 0)
                                + len(row.request.prompt_ids) + len(row.out.token_ids)
                                for row in self.rows.values())
 
     def step(self) -> list[Any]:
-        from cart.engines.hf import StepEvent
-
         if not self.rows:
             return []
         events = []
@@ -398,18 +394,24 @@ class VLLMBatch:
                 continue
             c = out.outputs[0]
             new = list(c.token_ids)
-            eos = self.engine.eos_token_ids
             for j, token in enumerate(new):
                 row.out.token_ids.append(token)
                 last = j == len(new) - 1 and out.finished
-                reason = None
-                if last:
-                    reason = "eos" if c.finish_reason == "stop" and token in eos and \
-                        not row.request.ignore_eos else "length"
-                events.append(StepEvent(row, token, last, reason))
+                events.append(StepEvent(row, token, last, end_reason(c, row.request) if last else None))
             if out.finished:
                 del self.rows[out.request_id]
         return events
+
+
+def extra_args(transfer: dict | None) -> dict | None:
+    """``SamplingParams.extra_args`` carrying a cartridge load to the connector (None: none)."""
+    return {"kv_transfer_params": transfer} if transfer else None
+
+
+def end_reason(output: Any, r: GenerationRequest) -> str:
+    """Why a finished vLLM completion ended, as the engines report it: "eos" (it stopped on
+    an end-of-sequence id: the only stop ids the engine passes) or "length"."""
+    return "eos" if output.finish_reason == "stop" and not r.ignore_eos else "length"
 
 
 def _shut_down(llm: Any, spool: str) -> None:
@@ -430,10 +432,3 @@ def placeholder_id(tokenizer: Any) -> int:
     """The token that stands for cartridge positions in a vLLM prompt (its KV is overwritten)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-
-def resolve_vllm_device(device: str) -> str:
-    if device in ("auto", ""):
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device.split(":")[0]
