@@ -89,6 +89,8 @@ bench: install install-vllm
 	$(PY) bench/serve.py
 	@echo "== the vLLM engine vs the transformers engine: synth and serve throughput"
 	$(PY) bench/vllm_engine.py
+	@echo "== cartridge quality: no context, ICL, truncation, compaction, self-study (real and generated corpora)"
+	$(PY) bench/quality.py --out bench-quality
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

@@ -109,9 +109,8 @@ def workload(engine, users: int, corpus_tokens: int, p: int, max_tokens: int, ca
     tokens): a job is (model, messages)."""
     import torch
 
-    from cart.chat import render_ids
+    from cart.chat import SYSTEM_TEMPLATE, render_cartridge_ids, render_ids
     from cart.kvcache import cartridge_from_tokens
-    from cart.synth import SYSTEM_TEMPLATE
 
     tok, ident = engine.tokenizer, engine.identity
     text_ids = []
@@ -135,7 +134,7 @@ def workload(engine, users: int, corpus_tokens: int, p: int, max_tokens: int, ca
         icl_jobs.append((ident.model_id, icl_msgs))
         cart_jobs.append((f"user{i}", question))
         icl_tokens += len(render_ids(tok, icl_msgs, True)[0]) + max_tokens
-        cart_tokens += p + len(render_ids(tok, question, True)[0]) + max_tokens
+        cart_tokens += p + len(render_cartridge_ids(tok, question, True)[0]) + max_tokens
     return icl_jobs, cart_jobs, icl_tokens, cart_tokens
 
 

@@ -11,7 +11,13 @@ Shared KV prefixes (cascade attention): a forward pass may carry ``cart_prefixes
 cartridge and the requests that use it. The prefix is stored once per group and read by every
 row of it (broadcast, never copied into the rows' caches), so a batch of requests on one
 cartridge holds its K/V once; a row's softmax runs over [prefix scores, own scores] together,
-which is exactly attention over the concatenation.
+which is exactly attention over the concatenation. A prefix may carry per-key attention biases
+(``[kv_heads, p]`` per layer, added to the prefix's logits: compacted cartridges).
+
+Compaction (``cart.compaction``) passes ``cart_compaction`` instead: an object whose
+``fit(layer, query, scaling)`` builds that layer's prefix from the queries now reaching it and
+returns the ``SharedPrefixes`` to attend to -- so each layer is fitted to queries that already
+went through the compacted earlier layers.
 """
 
 from __future__ import annotations
@@ -22,14 +28,15 @@ _registered = False
 
 class SharedPrefixes:
     """Per forward pass: ``groups`` of (batch rows, per-layer ``[kv_heads, p, head_dim]`` keys
-    and values) -- KV those rows attend to before their own cache; rows in no group have no
-    prefix. Pass as ``model(..., cart_prefixes=...)``."""
+    and values, per-layer ``[kv_heads, p]`` logit biases or None) -- KV those rows attend to
+    before their own cache; rows in no group have no prefix. Pass as
+    ``model(..., cart_prefixes=...)``."""
 
     def __init__(self, groups, batch_size: int):
         import torch
 
-        self.groups = [(torch.as_tensor(rows, dtype=torch.long), kv) for rows, kv in groups]
-        covered = sorted(r for rows, _ in groups for r in rows)
+        self.groups = [(torch.as_tensor(rows, dtype=torch.long), kv, bias) for rows, kv, bias in groups]
+        covered = sorted(r for rows, _, _ in groups for r in rows)
         if len(set(covered)) != len(covered) or (covered and not 0 <= covered[0] <= covered[-1] < batch_size):
             raise ValueError("prefix groups must be disjoint sets of batch rows")
         plain = sorted(set(range(batch_size)) - set(covered))
@@ -39,9 +46,11 @@ class SharedPrefixes:
 
 
 def gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                  is_causal=None, cart_prefixes=None, **kwargs):
+                  is_causal=None, cart_prefixes=None, cart_compaction=None, **kwargs):
     import torch.nn.functional as F
 
+    if cart_compaction is not None:
+        cart_prefixes = cart_compaction.fit(module.layer_idx, query, scaling)
     if cart_prefixes is not None and cart_prefixes.groups:
         return _prefixed_attention(module.layer_idx, query, key, value, attention_mask, scaling,
                                    cart_prefixes)
@@ -83,20 +92,33 @@ def _prefixed_attention(layer: int, query, key, value, attention_mask, scaling, 
         b, allowed.shape[1], group * q_len, length)
     out = query.new_empty(b, kv_heads, group * q_len, d)
 
-    def attend(q, k, v, ok, pk, pv):
+    def attend_rows(q, k, v, ok, pk, pv, bias):
         own = torch.matmul(q, k.transpose(-1, -2)) * scale
         own = own.masked_fill(~ok, float("-inf"))
         shared = torch.matmul(q, pk.transpose(-1, -2)) * scale  # [n, kv, gq, p]: pk broadcast
+        if bias is not None:
+            shared = shared + bias.to(shared.dtype).unsqueeze(1)  # [kv, 1, p]
         probs = torch.softmax(torch.cat([shared, own], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
         p = pk.shape[-2]
         return torch.matmul(probs[..., :p], pv) + torch.matmul(probs[..., p:], v)
 
-    for rows, kv in prefixes.groups:
+    def attend(q, k, v, ok, pk, pv, bias):
+        # long prompts (prefill, compaction): query blocks, so the scores of one block at a
+        # time are held (~32 MB), not the whole [gq, p + length] matrix
+        rows = q.shape[2]
+        block = max(256, (1 << 23) // max(1, q.shape[0] * q.shape[1] * (length + pk.shape[-2])))
+        if rows <= block:
+            return attend_rows(q, k, v, ok, pk, pv, bias)
+        return torch.cat([attend_rows(q[:, :, i:i + block], k, v, ok[:, :, i:i + block], pk, pv, bias)
+                          for i in range(0, rows, block)], dim=2)
+
+    for rows, kv, biases in prefixes.groups:
         pk, pv = kv[layer]
+        bias = None if biases is None else biases[layer]
         if prefixes.whole:
-            out = attend(grouped, key, value, allowed, pk, pv)
+            out = attend(grouped, key, value, allowed, pk, pv, bias)
         else:
-            out[rows] = attend(grouped[rows], key[rows], value[rows], allowed[rows], pk, pv)
+            out[rows] = attend(grouped[rows], key[rows], value[rows], allowed[rows], pk, pv, bias)
     if prefixes.plain is not None:
         rows = prefixes.plain
         out[rows] = torch.nn.functional.scaled_dot_product_attention(

@@ -5,6 +5,9 @@ Tensors (per layer ``i``; shapes ``[kv_heads, tokens, head_dim]``, keys post-RoP
 
 * ``frozen.{i}.keys`` / ``frozen.{i}.values``  -- the attention-sink token(s), never trained
 * ``trainable.{i}.keys`` / ``trainable.{i}.values`` -- the rest of the p tokens
+* ``bias.{i}`` (format 2, optional) -- ``[kv_heads, p]`` float32: an additive per-key term on the
+  attention logits of every query (sink first), as attention-matching compaction fits it: key
+  ``j`` of head ``h`` weighs ``exp(q.k_j * scale + bias[h, j])``. Files without it are format 1.
 
 ``__metadata__`` (strings only; structured values are JSON strings) -- see ``cart-formats(5)``.
 Loading goes through safetensors only: never pickle.
@@ -27,8 +30,9 @@ if TYPE_CHECKING:
     from cart.models import ModelIdentity
 
 FORMAT_NAME = "cart.cartridge"
-FORMAT_MAJOR = 1
+FORMAT_MAJOR = 2  # 2: per-key attention biases (written as 1 when a cartridge has none)
 FORMAT = f"{FORMAT_NAME}/{FORMAT_MAJOR}"
+READABLE_MAJORS = ("1", "2")
 
 # Metadata keys written by cart; those in _JSON_KEYS hold JSON, the rest plain strings/ints.
 _REQUIRED_KEYS = ("format", "base_model", "model_config_hash", "tokenizer_hash", "p",
@@ -37,6 +41,8 @@ _INT_KEYS = ("p", "num_frozen_tokens", "num_layers", "kv_heads", "head_dim", "co
              "steps", "tokens", "query_position")
 _FLOAT_KEYS = ("loss",)
 _JSON_KEYS = ("init", "synth", "training", "parts", "corpus_paths")
+
+MAX_POSITION = 1 << 24  # a sanity bound on query_position
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -55,6 +61,8 @@ class Cartridge:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     metadata: dict[str, Any] = field(default_factory=dict)
+    # per layer [kv_heads, p] float32 additive attention-logit terms (sink first), or None
+    biases: list[torch.Tensor] | None = None
 
     def __post_init__(self):
         n = len(self.keys)
@@ -74,6 +82,13 @@ class Cartridge:
             lengths = {t.shape[1] for t in frozen} | {t.shape[1] for t in trainable}
             if len(lengths) != 1:
                 raise ValueError(f"{kind} tensors differ in token count: {sorted(lengths)}")
+        if self.biases is not None:
+            if len(self.biases) != n:
+                raise ValueError(f"{len(self.biases)} bias tensors for {n} layers")
+            want = (self.kv_heads, self.num_tokens)
+            for i, b in enumerate(self.biases):
+                if tuple(b.shape) != want:
+                    raise ValueError(f"bias.{i}: shape {tuple(b.shape)} is not {list(want)}")
 
     # -- shape -------------------------------------------------------------------------------
     @property
@@ -111,6 +126,10 @@ class Cartridge:
         return self.num_tokens * kv_bytes_per_token(self.num_layers, self.kv_heads, self.head_dim,
                                                     self.dtype)
 
+    @property
+    def format(self) -> str:
+        return FORMAT if self.biases is not None else f"{FORMAT_NAME}/1"
+
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Full ``[kv_heads, p, head_dim]`` keys and values of layer ``i`` (sink first)."""
         import torch
@@ -145,6 +164,8 @@ class Cartridge:
             out[f"frozen.{i}.values"] = self.frozen_values[i]
             out[f"trainable.{i}.keys"] = self.keys[i]
             out[f"trainable.{i}.values"] = self.values[i]
+            if self.biases is not None:
+                out[f"bias.{i}"] = self.biases[i].float()
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
     def full_metadata(self) -> dict[str, Any]:
@@ -154,7 +175,7 @@ class Cartridge:
         md = dict(self.metadata)
         md.setdefault("cart_version", __version__)
         md.setdefault("created", _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
-        md.update(format=FORMAT, p=self.num_tokens, num_frozen_tokens=self.num_frozen,
+        md.update(format=self.format, p=self.num_tokens, num_frozen_tokens=self.num_frozen,
                   num_layers=self.num_layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
                   dtype=self.dtype)
         return md
@@ -195,10 +216,16 @@ class Cartridge:
             groups = [[tensors[f"{kind}.{i}.{part}"] for i in range(n)]
                       for kind, part in (("frozen", "keys"), ("frozen", "values"),
                                          ("trainable", "keys"), ("trainable", "values"))]
+            biases = None
+            if any(k.startswith("bias.") for k in tensors):
+                biases = [tensors[f"bias.{i}"] for i in range(n)]
         except KeyError as e:
             raise CartError(f"{name}: corrupt cartridge file (missing tensor {e.args[0]})") from None
+        if (biases is not None) != (metadata["format"].split("/", 1)[1].split(".")[0] == str(FORMAT_MAJOR)):
+            raise CartError(f"{name}: corrupt cartridge file (format {metadata['format']} "
+                            f"{'without' if biases is None else 'with'} attention biases)")
         try:
-            cart = cls(*groups, metadata=metadata)
+            cart = cls(*groups, metadata=metadata, biases=biases)
         except ValueError as e:
             raise CartError(f"{name}: corrupt cartridge file ({e})") from None
         if (cart.num_tokens, cart.num_frozen, cart.dtype) != (
@@ -206,9 +233,10 @@ class Cartridge:
             raise CartError(f"{name}: corrupt cartridge file (tensors do not match the metadata: "
                             f"p={cart.num_tokens}, frozen={cart.num_frozen}, dtype={cart.dtype})")
         qp = metadata.get("query_position")
-        if qp is not None and not 1 <= qp <= cart.num_tokens:
+        # compacted keys keep their corpus positions: queries may start past p
+        if qp is not None and not 1 <= qp <= MAX_POSITION:
             raise CartError(f"{name}: corrupt cartridge metadata (query_position {qp} outside "
-                            f"1..{cart.num_tokens})")
+                            f"1..{MAX_POSITION})")
         if expect is not None:
             cart.check_compatible(expect, name)
         return cart
@@ -269,8 +297,9 @@ def read_metadata_bytes(data: bytes, name: str) -> dict[str, Any]:
     if not fmt.startswith(FORMAT_NAME + "/"):
         raise CartError(f"{name}: not a cart cartridge (metadata format is {fmt or 'missing'!r})")
     major = fmt.split("/", 1)[1].split(".", 1)[0]
-    if major != str(FORMAT_MAJOR):
-        raise CartError(f"{name}: unsupported cartridge format {fmt} (this cart reads {FORMAT})")
+    if major not in READABLE_MAJORS:
+        raise CartError(f"{name}: unsupported cartridge format {fmt} (this cart reads "
+                        f"{FORMAT_NAME}/{' and /'.join(READABLE_MAJORS)})")
     return decode_metadata(raw, name)
 
 

@@ -42,3 +42,54 @@ def render_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generation_pr
             spans.append((len(ids), len(ids) + len(content)))
             ids.extend(content)
     return ids, spans
+
+
+# The prompt contract shared by synth (the teacher sees a chunk so), eval (ICL sees the corpus
+# so) and compaction (the corpus KV a cartridge replaces).
+SYSTEM_TEMPLATE = ("You are in a conversation about the following document.\n\n"
+                   "<document>\n{chunk}\n</document>")
+
+
+def shared_prefix_len(tokenizer, system: str) -> int:
+    """How many leading tokens every prompt with this system message shares (the template's
+    rendering of the system turn): the longest common prefix of two different continuations."""
+    a = render_ids(tokenizer, [{"role": "system", "content": system},
+                               {"role": "user", "content": "a"}], True)[0]
+    b = render_ids(tokenizer, [{"role": "system", "content": system},
+                               {"role": "user", "content": "b"}], True)[0]
+    return _common_prefix(a, b)
+
+
+def document_turn_ids(tokenizer, text: str) -> list[int]:
+    """The token ids of the system turn holding ``text`` as ICL shows it (``SYSTEM_TEMPLATE``),
+    up to where the next turn would start: what a cartridge of that document stands for."""
+    system = SYSTEM_TEMPLATE.format(chunk=text)
+    alone = render_ids(tokenizer, [{"role": "system", "content": system}], False)[0]
+    then = render_ids(tokenizer, [{"role": "system", "content": system},
+                                  {"role": "user", "content": "a"}], True)[0]
+    return alone[:_common_prefix(alone, then)]
+
+
+def render_cartridge_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool
+                         ) -> tuple[list[int], list[tuple[int, int]]]:
+    """``render_ids`` for the tokens that follow a cartridge: the conversation as it follows the
+    document's system turn in ICL, which the cartridge stands for -- so a template's default
+    system prompt (SmolLM2's) is not inserted, exactly as it is not with the document in
+    context. The teacher (synth), the student (distill), compaction, eval and serve all use it."""
+    doc = [{"role": "system", "content": SYSTEM_TEMPLATE.format(chunk="")}]
+    turn = document_turn_ids(tokenizer, "")
+    ids, spans = render_ids(tokenizer, doc + list(messages), add_generation_prompt)
+    if ids[:len(turn)] != turn:
+        from cart.io import CartError
+
+        raise CartError("the model's chat template renders a system turn differently when "
+                        "messages follow it: cart cannot place a cartridge before them")
+    n = len(turn)
+    return ids[n:], [(a - n, b - n) for a, b in spans]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

@@ -271,6 +271,45 @@ def distill_command(
     distill(inputs, cfg, model, output, checkpoint, log, console)
 
 
+@app.command("compact")
+def compact_command(
+    inputs: Annotated[Optional[list[str]], typer.Argument(
+        help="Corpus files or directories (text files), or - for stdin.", show_default=False)] = None,
+    tokens: Annotated[Optional[int], _opt(("-p", "--tokens"), "Cartridge length p in KV positions "
+                                          "(the sink included). [default: 512]")] = None,
+    window: Annotated[Optional[int], _opt("--window", "Corpus tokens per window; a longer corpus "
+                                          "is compacted window by window and joined. [default: "
+                                          "the most the model's context allows]")] = None,
+    max_queries: Annotated[Optional[int], _opt("--max-queries", "Reference query vectors per KV "
+                                               "head in each layer's fit. [default: 4096]")] = None,
+    device: Annotated[Optional[str], _opt("--device", "cpu, cuda, cuda:N or auto. "
+                                                      "[default: auto]")] = None,
+    output: Annotated[Optional[str], typer.Option(
+        "-o", "--output", help="Cartridge file (.safetensors), written atomically, or - for "
+                               "stdout. [default: stdout when it is not a terminal]",
+        show_default=False)] = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Compact the corpus's KV cache into a cartridge by attention matching (no training)."""
+    from cart.compact import CompactConfig, compact_corpus
+    from cart.config import resolve
+    from cart.io import Console, check_output_path
+
+    cfg = resolve(CompactConfig, config, "compact", tokens=tokens, window=window,
+                  max_queries=max_queries, device=device)
+    if not inputs:
+        if sys.stdin.isatty():
+            raise CartError("no input: give corpus files or directories, or - for stdin")
+        inputs = ["-"]
+    if output is None and sys.stdout.isatty():
+        raise CartError("no output: give -o FILE (a cartridge is not written to a terminal)")
+    if output not in (None, "-"):
+        check_output_path(output)
+    compact_corpus(inputs, cfg, model, output, Console(quiet))
+
+
 @app.command("eval")
 def eval_command(
     questions: Annotated[str, typer.Argument(

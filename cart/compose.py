@@ -73,11 +73,19 @@ def compose_parts(parts: Sequence[tuple[str, Cartridge, str]], sinks: str = "one
         trainable tokens, preceded by its own sink when every part is kept whole."""
         return c.layer(i) if j > 0 and sinks == "all" else (c.keys[i], c.values[i])
 
-    keys, values = [], []
+    def bias(j: int, c: Cartridge, i: int):
+        """Part ``j``'s attention biases in layer ``i``, sink first (zeros if it has none)."""
+        return c.biases[i] if c.biases is not None else torch.zeros(c.kv_heads, c.num_tokens)
+
+    keys, values, biases = [], [], []
     for i in range(first.num_layers):
         ks, vs = zip(*(after_sink(j, c, i) for j, (_, c, _) in enumerate(parts)))
         keys.append(torch.cat(ks, dim=1))
         values.append(torch.cat(vs, dim=1))
+        biases.append(torch.cat([bias(j, c, i) if j == 0 or sinks == "all" else bias(j, c, i)[:, c.num_frozen:]
+                                 for j, (_, c, _) in enumerate(parts)], dim=1))
+    if all(c.biases is None for _, c, _ in parts):
+        biases = None
     md = {k: first.metadata[k] for k in _SHARED_KEYS if k in first.metadata}
     corpus_tokens = [c.metadata.get("corpus_tokens") for _, c, _ in parts]
     if all(isinstance(t, int) for t in corpus_tokens):
@@ -97,7 +105,7 @@ def compose_parts(parts: Sequence[tuple[str, Cartridge, str]], sinks: str = "one
     } for i, (path, c, digest) in enumerate(parts)]
     return Cartridge(frozen_keys=[t.clone() for t in first.frozen_keys],
                      frozen_values=[t.clone() for t in first.frozen_values],
-                     keys=keys, values=values, metadata=md)
+                     keys=keys, values=values, metadata=md, biases=biases)
 
 
 def compose_files(paths: Sequence[str], output: str | None, console: Console,

@@ -38,7 +38,7 @@ from cart.config import check_type
 from cart.io import CartError, Console, dumps, require, sha256_hex
 
 OBJECTIVES = ("kl", "ntp")
-INIT_KINDS = ("corpus", "random-tokens", "random-vectors", "text")
+INIT_KINDS = ("attention-match", "corpus", "random-tokens", "random-vectors", "text")
 DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -86,8 +86,11 @@ class DistillConfig:
         if self.dtype not in DTYPES:
             raise CartError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.init not in INIT_KINDS and not self.init.endswith(".safetensors"):
-            raise CartError(f"--init must be corpus, random-tokens, random-vectors, text or a "
-                            f".safetensors cartridge file, got {self.init!r}")
+            raise CartError(f"--init must be attention-match, corpus, random-tokens, random-vectors, "
+                            f"text or a .safetensors cartridge file, got {self.init!r}")
+        if self.init == "attention-match" and self.frozen_tokens != 1:
+            raise CartError("--init attention-match keeps one frozen token (the sink): give "
+                            "--frozen-tokens 1")
         if (self.init == "text") != (self.init_text is not None):
             raise CartError("--init text needs --init-text FILE (and --init-text needs --init text)")
         if self.batch_size % self.grad_accum:
@@ -258,7 +261,7 @@ def split_step(rows: list[list[int]], world: int, accum: int) -> list[list[list[
 class Batch:
     input_ids: Any  # [B, T]
     position_ids: Any  # [B, T]
-    mask: Any  # [B, 1, T, p + T] bool, True = may attend
+    mask: Any  # [B, 1, T, T] bool, True = may attend (the cartridge: always)
     target_rows: Any  # [N] row of each target
     target_cols: Any  # [N] column whose output predicts the target
     cand_ids: Any  # [N, K]
@@ -270,6 +273,8 @@ class Batch:
 
 def make_batch(rows: list[list[int]], convos: Sequence[Conversation], p: int, pad_id: int,
                device: Any) -> Batch:
+    """Packed rows; every conversation's tokens at positions ``p, p+1, ...`` (``p``: the
+    cartridge's query position)."""
     import torch
 
     if not rows:  # a process with nothing to do this micro-step still joins the collective
@@ -305,12 +310,12 @@ def make_batch(rows: list[list[int]], convos: Sequence[Conversation], p: int, pa
     for j, (c, q) in enumerate(zip(cands, probs)):
         cand_ids[j, :len(c)] = torch.tensor(c)
         cand_probs[j, :len(q)] = torch.tensor(q)
-    # the cartridge is visible to every query; a token sees the earlier tokens of its own
-    # conversation only (causal within a segment, nothing across segments or from padding)
+    # the cartridge is visible to every query (cart_gqa's shared prefix); a token sees the
+    # earlier tokens of its own conversation only (causal within a segment, nothing across
+    # segments or from padding)
     same = segment.unsqueeze(2) == segment.unsqueeze(1)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
-    tokens_mask = same & causal & (segment.unsqueeze(1) >= 0)
-    mask = torch.cat([torch.ones((b, width, p), dtype=torch.bool), tokens_mask], dim=2).unsqueeze(1)
+    mask = (same & causal & (segment.unsqueeze(1) >= 0)).unsqueeze(1)
     return Batch(input_ids.to(device), position_ids.to(device), mask.to(device),
                  torch.tensor(t_rows, dtype=torch.long, device=device),
                  torch.tensor(t_cols, dtype=torch.long, device=device),
@@ -334,17 +339,25 @@ def _module_class():
             # plain attributes: not parameters or buffers, so DDP neither syncs nor trains them
             object.__setattr__(self, "frozen_keys", [k.detach().float().clone() for k in cart.frozen_keys])
             object.__setattr__(self, "frozen_values", [v.detach().float().clone() for v in cart.frozen_values])
+            # attention biases (compacted cartridges) stay as they were fitted
+            object.__setattr__(self, "biases", None if cart.biases is None else
+                               [b.detach().float().clone() for b in cart.biases])
             object.__setattr__(self, "model", model)
+            from cart.attention import register
+
+            model.set_attn_implementation(register())  # the cartridge is cart_gqa's shared prefix
             self.objective = objective
             self.compute_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
 
         def move_frozen(self, device):
             object.__setattr__(self, "frozen_keys", [k.to(device) for k in self.frozen_keys])
             object.__setattr__(self, "frozen_values", [v.to(device) for v in self.frozen_values])
+            if self.biases is not None:
+                object.__setattr__(self, "biases", [b.to(device) for b in self.biases])
 
         def forward(self, batch: Batch, scale: float):
             """Sum of the per-target losses times ``scale``, and the unscaled sums (loss, kl)."""
-            from cart.kvcache import cache_from_kv
+            from cart.attention import SharedPrefixes
 
             model = self.model
             device = batch.input_ids.device
@@ -352,12 +365,14 @@ def _module_class():
             autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                                       enabled=self.compute_dtype == torch.bfloat16)
             with autocast:
-                kv = [(torch.cat([fk, k], dim=1), torch.cat([fv, v], dim=1)) for fk, k, fv, v in
+                kv = [(torch.cat([fk, k], dim=1).to(self.compute_dtype),
+                       torch.cat([fv, v], dim=1).to(self.compute_dtype)) for fk, k, fv, v in
                       zip(self.frozen_keys, self.keys, self.frozen_values, self.values)]
-                cache = cache_from_kv(model, kv, b, self.compute_dtype)
+                # every row reads the one cartridge (broadcast, never copied per row)
+                prefix = SharedPrefixes([(list(range(b)), kv, self.biases)], b)
                 hidden = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                     attention_mask=batch.mask, past_key_values=cache,
-                                     use_cache=True).last_hidden_state
+                                     attention_mask=batch.mask, cart_prefixes=prefix,
+                                     use_cache=False).last_hidden_state
                 # the LM head only where a target is: full-vocabulary logits everywhere would
                 # cost hundreds of MB for nothing
                 picked = hidden[batch.target_rows, batch.target_cols]
@@ -384,7 +399,8 @@ def _module_class():
             return Cartridge([k.detach().cpu().clone() for k in self.frozen_keys],
                              [v.detach().cpu().clone() for v in self.frozen_values],
                              [k.detach().cpu().clone() for k in self.keys],
-                             [v.detach().cpu().clone() for v in self.values], metadata)
+                             [v.detach().cpu().clone() for v in self.values], metadata,
+                             None if self.biases is None else [b.cpu().clone() for b in self.biases])
 
     return TrainableCartridge
 
@@ -405,12 +421,28 @@ def initial_cartridge(cfg: DistillConfig, data: ConvoSet, model: Any, tokenizer:
             raise CartError(f"{cfg.init}: has p={loaded.num_tokens} ({loaded.num_frozen} frozen), "
                             f"but -p/--tokens is {p} with {frozen} frozen (give -p {loaded.num_tokens})")
         cart = Cartridge(*([t.float() for t in group] for group in
-                           (loaded.frozen_keys, loaded.frozen_values, loaded.keys, loaded.values)))
+                           (loaded.frozen_keys, loaded.frozen_values, loaded.keys, loaded.values)),
+                         metadata={"query_position": loaded.query_position}, biases=loaded.biases)
         previous = loaded.metadata
         return cart, {"kind": "cartridge", "source": str(cfg.init),
                       "sha256": sha256_hex(Path(cfg.init).read_bytes())[:16],
                       "corpus_hash": previous.get("corpus_hash"), "steps": previous.get("steps"),
                       "init": previous.get("init")}
+    if cfg.init == "attention-match":
+        from cart.compact import CompactConfig, compact_ids
+
+        if not data.head_ids:
+            raise CartError("--init attention-match: the conversations carry no corpus (cart synth "
+                            "stores it in conversation 0 when it reads the corpus or a chunk "
+                            "that starts it); use --init random-tokens")
+        if len(data.head_ids) < p:
+            raise CartError(f"--init attention-match: the corpus has {len(data.head_ids)} tokens, "
+                            f"fewer than -p/--tokens {p} (lower -p)")
+        cart = compact_ids(model, tokenizer, data.head_ids,
+                           CompactConfig(tokens=p, device=str(next(model.parameters()).device)), console)
+        info = {**cart.metadata["init"], "source": data.head_source}
+        cart.metadata = {"query_position": cart.query_position}
+        return cart, info
     if cfg.init == "corpus":
         if not data.head_ids:
             raise CartError("--init corpus: the conversations carry no corpus head (cart synth "
@@ -603,7 +635,6 @@ def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
         raise CartError(f"--batch-size ({cfg.batch_size}) must be a multiple of processes x "
                         f"--grad-accum ({dist.world} x {cfg.grad_accum})")
     model = load_model(ref, dtype="float32", device=device)
-    model.set_attn_implementation("sdpa")
     identity = ModelIdentity.of(ref, model.config, tokenizer)
     m = data.model
     if (m["config_hash"], m["tokenizer_hash"]) != (identity.config_hash, identity.tokenizer_hash):
@@ -624,6 +655,11 @@ def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
                         f"exceeds the model's context of {context} tokens")
 
     cart, init_info = initial_cartridge(cfg, data, model, tokenizer, identity, console)
+    first_position = cart.query_position  # compacted keys keep their corpus positions
+    if first_position + max_len > context:
+        raise CartError(f"the cartridge's query position {first_position} + the longest "
+                        f"conversation ({max_len} tokens) exceeds the model's context of "
+                        f"{context} tokens")
     dtype = compute_dtype(cfg.dtype, device)
     module = _module_class()(cart, model, cfg.objective, dtype).to(device)
     module.move_frozen(device)
@@ -665,7 +701,7 @@ def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum = kl_sum = 0.0
                 for micro, per_rank in enumerate(parts):
-                    batch = make_batch(per_rank[dist.rank], data.convos, cfg.tokens, pad_id, device)
+                    batch = make_batch(per_rank[dist.rank], data.convos, first_position, pad_id, device)
                     sync = micro == len(parts) - 1 or dist.world == 1
                     ctx = trained.no_sync() if (dist.world > 1 and not sync) else contextlib.nullcontext()
                     with ctx:
@@ -727,6 +763,7 @@ def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
         "tokens": int(totals["tokens"]),
         "loss": round(float(last_loss), 6) if math.isfinite(last_loss) else None,
         "cart_version": __version__,
+        "query_position": first_position if first_position != cfg.tokens else None,
     }
     result = module.cartridge({k: v for k, v in metadata.items() if v is not None})
     result.save(None if output in (None, "-") else output)

@@ -88,7 +88,7 @@ def read_corpus(paths: Sequence[str]) -> str:
 def build_methods(engine, *, no_context: bool, icl: Sequence[str], truncate: Sequence[int],
                   cartridges: Sequence[str]) -> list[Method]:
     from cart.engines.base import KVPrefix
-    from cart.synth import SYSTEM_TEMPLATE, shared_prefix_len
+    from cart.chat import SYSTEM_TEMPLATE, shared_prefix_len
 
     tok = engine.tokenizer
     methods: list[Method] = []
@@ -197,19 +197,23 @@ class Prompts:
         """(ids ending with the reference answer, index of its first token, prefix length)."""
         return self._once("scoring", method, q, lambda: self._scoring(method, q))
 
-    def _generation(self, method: Method, q: dict[str, Any]) -> tuple[list[int], int]:
-        from cart.chat import render_ids
+    def _render(self, method: Method, messages, add_generation_prompt: bool):
+        """After a cartridge, messages follow it as they follow the document in ICL."""
+        from cart.chat import render_cartridge_ids, render_ids
 
-        ids, _ = render_ids(self.tok, method_messages(method, q), add_generation_prompt=True)
+        render = render_cartridge_ids if method.kind == "cartridge" else render_ids
+        return render(self.tok, messages, add_generation_prompt)
+
+    def _generation(self, method: Method, q: dict[str, Any]) -> tuple[list[int], int]:
+        ids, _ = self._render(method, method_messages(method, q), True)
         return ids, self._prefix_len(method, ids)
 
     def _scoring(self, method: Method, q: dict[str, Any]) -> tuple[list[int], int, int]:
-        from cart.chat import render_ids
         from cart.questions import reference_answer
 
         answer = self.tok(reference_answer(q), add_special_tokens=False)["input_ids"]
         msgs = [*method_messages(method, q), {"role": "assistant", "content": answer}]
-        ids, spans = render_ids(self.tok, msgs, add_generation_prompt=False)
+        ids, spans = self._render(method, msgs, False)
         start, end = spans[-1]
         return ids[:end], start, self._prefix_len(method, ids)
 
@@ -223,7 +227,8 @@ def check_fits(engine, methods: list[Method], questions: list[dict[str, Any]], p
             ids, start, _ = prompts.scoring(m, q)
             gen = prompts.generation(m, q)[0]
             longest = max(longest, len(ids), len(gen) + cfg.max_new_tokens)
-        need = longest + (m.kv_prefix.tokens if m.kv_prefix else 0)
+        # positions run to the query position (compacted keys keep the corpus's) + the prompt
+        need = longest + (max(m.kv_prefix.tokens, m.kv_prefix.first_position) if m.kv_prefix else 0)
         if need > engine.max_context:
             hint = ("; use --truncate N for the corpus's first N tokens" if m.kind == "icl"
                     else "")

@@ -303,7 +303,7 @@ def create_app(server: CartServer):
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    from cart.chat import render_ids
+    from cart.chat import render_cartridge_ids, render_ids
     from cart.openai_api import ChatCompletionRequest, CompletionRequest, error_body
 
     cfg = server.cfg
@@ -435,8 +435,11 @@ def create_app(server: CartServer):
 
         return events()
 
-    async def start(kind: str, body: Any, prompts: list[list[int]], max_tokens: int | None):
+    async def start(kind: str, body: Any, prompts_for: Any, max_tokens: int | None):
+        """``prompts_for(kv_prefix)``: the prompts' token ids (a chat follows a cartridge as it
+        follows the document in ICL: ``cart.chat.render_cartridge_ids``)."""
         kv_prefix = await asyncio.to_thread(server.resolve, body.model, body.cartridges)
+        prompts = prompts_for(kv_prefix)
         requests = server.requests(prompts, body, max_tokens, kv_prefix,
                                    "messages" if kind == "chat" else "prompt")
         out = respond(kind, body, requests, sum(len(p) for p in prompts))
@@ -449,18 +452,22 @@ def create_app(server: CartServer):
     async def chat(body: ChatCompletionRequest):
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
-        try:
-            ids, _ = render_ids(server.tokenizer, messages, add_generation_prompt=True)
-        except Exception as e:  # the model's own chat template refused the conversation
-            raise APIError(400, f"the chat template rejected the messages: {e}",
-                           param="messages") from None
+
+        def prompts_for(kv_prefix):
+            render = render_ids if kv_prefix is None else render_cartridge_ids
+            try:
+                return [render(server.tokenizer, messages, add_generation_prompt=True)[0]]
+            except Exception as e:  # the model's own chat template refused the conversation
+                raise APIError(400, f"the chat template rejected the messages: {e}",
+                               param="messages") from None
+
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await start("chat", body, [ids], max_tokens)
+        return await start("chat", body, prompts_for, max_tokens)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         prompts = [server.tokenizer(p).input_ids for p in body.prompts()]
-        return await start("text", body, prompts, body.max_tokens)
+        return await start("text", body, lambda kv_prefix: prompts, body.max_tokens)
 
     return Guard(app, cfg.api_key, cfg.max_body_bytes)
 

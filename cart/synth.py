@@ -26,13 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cart.chat import render_ids
+from cart.chat import SYSTEM_TEMPLATE, render_cartridge_ids, render_ids, shared_prefix_len
 from cart.config import check_type
 from cart.io import (CartError, Console, check_output_path, dumps, intact_records, parse_jsonl,
                      read_jsonl, schema_id, sha256_hex)
 
-SYSTEM_TEMPLATE = ("You are in a conversation about the following document.\n\n"
-                   "<document>\n{chunk}\n</document>")
 
 
 @dataclass
@@ -260,7 +258,8 @@ def synthesize_batch(engine, batch: list[Planned], cfg: SynthConfig, batch_index
             stats[i]["looped"].append([a_out[i].looped, g.looped])
     records = []
     for i, p in enumerate(batch):
-        ids, spans = render_ids(tok, convo[i], add_generation_prompt=False)
+        # the student's sequence: what follows a cartridge (cart.chat.render_cartridge_ids)
+        ids, spans = render_cartridge_ids(tok, convo[i], add_generation_prompt=False)
         positions, cand_ids, cand_lps = [], [], []
         for (start, end), turn_targets in zip(spans, targets[i]):
             for offset, topk in enumerate(turn_targets):
@@ -288,19 +287,6 @@ def synthesize_batch(engine, batch: list[Planned], cfg: SynthConfig, batch_index
             **meta,
         })
     return records
-
-
-def shared_prefix_len(tokenizer, system: str) -> int:
-    """How many leading tokens every prompt with this system message shares (the template's
-    rendering of the system turn): the longest common prefix of two different continuations."""
-    a = render_ids(tokenizer, [{"role": "system", "content": system},
-                               {"role": "user", "content": "a"}], True)[0]
-    b = render_ids(tokenizer, [{"role": "system", "content": system},
-                               {"role": "user", "content": "b"}], True)[0]
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def _strip_eos(ids: list[int], engine) -> list[int]:

@@ -425,7 +425,7 @@ def test_no_corpus_head_says_what_to_do(tmp_path, tiny, run_cart):
     (["-p", "1"], "-p/--tokens must be at least 2, got 1"),
     (["--lr", "0"], "--lr must be a positive number, got 0.0"),
     (["--objective", "mse"], "--objective must be one of kl, ntp, got 'mse'"),
-    (["--init", "zeros"], "--init must be corpus, random-tokens, random-vectors, text or a .safetensors"),
+    (["--init", "zeros"], "--init must be attention-match, corpus, random-tokens, random-vectors, text or a .safetensors"),
     (["--init", "text"], "--init text needs --init-text FILE"),
     (["--batch-size", "3", "--grad-accum", "2"], "--batch-size (3) must be a multiple of --grad-accum (2)"),
     (["--init", "missing.safetensors"], "missing.safetensors: no such cartridge file"),

@@ -232,16 +232,17 @@ def _tiny_cartridge():
     def t(n):
         return [torch.zeros(2, n, 4) for _ in range(2)]
 
-    return Cartridge(t(1), t(1), t(3), t(3), metadata={})
+    return Cartridge(t(1), t(1), t(3), t(3), metadata={},
+                     biases=[torch.zeros(2, 4) for _ in range(2)])  # [kv_heads, p]: format 2
 
 
 def test_formats_page_documents_tensor_names():
     cart = _tiny_cartridge()
     section = sections(FORMATS)["THE CARTRIDGE FILE"]
     documented = tag_words(section)
-    patterns = sorted({re.sub(r"\.\d+\.", ".i.", name) for name in cart.tensors()})
-    assert len(patterns) == 4, patterns
-    for pattern in patterns:  # frozen.i.keys ... as written in the page
+    patterns = sorted({re.sub(r"\.\d+(?=\.|$)", ".i", name) for name in cart.tensors()})
+    assert len(patterns) == 5, patterns
+    for pattern in patterns:  # frozen.i.keys ... bias.i, as written in the page
         assert pattern in documented, f"cart-formats.5 does not document tensor {pattern}"
     text = "\n".join(section)
     for word in ("kv_heads", "head_dim", "post-RoPE", "pickle"):

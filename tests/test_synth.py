@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import CART, one_line_error
 
-from cart.chat import render_ids
+from cart.chat import render_cartridge_ids, render_ids
 from cart.synth import SYSTEM_TEMPLATE
 
 CORPUS_TEXT = " ".join(
@@ -52,9 +52,9 @@ def test_records_and_teacher_targets_match_a_forward_pass_with_the_chunk(run_car
         assert r["model"]["tokenizer_hash"] and r["config"]["top_k"] == 20
         t = r["targets"]
         assert len(t["positions"]) == len(t["ids"]) == len(t["logprobs"]) > 0
-        # the student's sequence: the conversation under the template, without the chunk
+        # the student's sequence: the conversation as it follows the chunk's system turn
         ids = r["token_ids"]
-        student, spans = render_ids(tok, [r["messages"][0], {"role": "assistant", "content": ids[
+        student, spans = render_cartridge_ids(tok, [r["messages"][0], {"role": "assistant", "content": ids[
             t["positions"][0]:t["positions"][0] + r["stats"]["b_tokens"][0]]}], False)
         assert student[:len(ids)] == ids[:len(student)]
         # the teacher: B's context, with the chunk in its system prompt, then B's answer

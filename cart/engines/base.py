@@ -38,6 +38,8 @@ class KVPrefix:
     # parts were each trained with queries at their own p, so its queries sit there, not at the
     # sum of the parts (cart.cartridge.Cartridge.query_position).
     next_position: int | None = None
+    # per layer [kv_heads, n] additive attention-logit biases (compacted cartridges), or None
+    bias: list[Any] | None = None
 
     @property
     def first_position(self) -> int:
@@ -49,7 +51,7 @@ class KVPrefix:
         """A cartridge (``cart.cartridge.Cartridge``, composed or not) as a KV prefix named
         ``key`` (its content hash), queries at its ``query_position``."""
         return cls(key, [cart.layer(i) for i in range(cart.num_layers)], cart.num_tokens,
-                   cart.query_position)
+                   cart.query_position, cart.biases)
 
 
 @dataclass

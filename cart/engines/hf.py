@@ -95,19 +95,28 @@ class TransformersEngine(Engine):
     def prefix_layers(self, kv_prefix: KVPrefix) -> list[tuple[Any, Any]]:
         """The KV prefix's per-layer ``[kv_heads, p, d]`` tensors in the model's dtype and
         device, converted once per KVPrefix object and shared by every request using it."""
-        layers = self._prefix_layers.get(kv_prefix)
-        if layers is None:
+        return self._prefix_tensors(kv_prefix)[0]
+
+    def _prefix_tensors(self, kv_prefix: KVPrefix):
+        """(per-layer K/V, per-layer biases or None) on the model's device, converted once."""
+        tensors = self._prefix_layers.get(kv_prefix)
+        if tensors is None:
             dtype, device = self.model.dtype, self.model.device
             layers = [(k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype))
                       for k, v in kv_prefix.kv]
-            self._prefix_layers[kv_prefix] = layers
-        return layers
+            bias = None if kv_prefix.bias is None else [b.to(device) for b in kv_prefix.bias]
+            tensors = self._prefix_layers[kv_prefix] = (layers, bias)
+        return tensors
+
+    def prefix_group(self, rows: list[int], kv_prefix: KVPrefix):
+        """One ``SharedPrefixes`` group: ``rows`` of a batch behind ``kv_prefix``."""
+        return (rows, *self._prefix_tensors(kv_prefix))
 
     def shared_prefix(self, kv_prefix: KVPrefix | None):
         """The ``cart_prefixes`` argument of a one-row forward pass behind ``kv_prefix``."""
         from cart.attention import SharedPrefixes
 
-        return None if kv_prefix is None else SharedPrefixes([([0], self.prefix_layers(kv_prefix))], 1)
+        return None if kv_prefix is None else SharedPrefixes([self.prefix_group([0], kv_prefix)], 1)
 
     def prefill(self, request: GenerationRequest):
         """Run one prompt alone -- no padding, so nothing masked -- after its KV prefix and the
@@ -266,7 +275,7 @@ class TransformersBatch:
         for i, row in enumerate(self.rows):
             if row.request.kv_prefix is not None:
                 by_prefix.setdefault(id(row.request.kv_prefix), (row.request.kv_prefix, []))[1].append(i)
-        groups = [(rows, self.engine.prefix_layers(p)) for p, rows in by_prefix.values()]
+        groups = [self.engine.prefix_group(rows, p) for p, rows in by_prefix.values()]
         self._groups = SharedPrefixes(groups, len(self.rows)) if groups else None
         import torch
 

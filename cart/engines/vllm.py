@@ -33,6 +33,11 @@ from cart.io import CartError
 VLLM_VERSION = "0.32.0"  # the connector API is experimental: cart[vllm] pins this release
 
 
+# vLLM's attention kernels take no per-key logit bias: refuse rather than ignore it
+BIAS_REFUSED = ("the vLLM engine cannot apply a cartridge's per-key attention biases (format "
+                "cart.cartridge/2, made by compaction): use --engine transformers")
+
+
 def _defaults_for_cpu() -> None:
     """vLLM's CPU backend settings, unless the user set them: a KV cache of 2 GiB (its default
     takes a share of RAM that a small machine cannot spare) and OpenMP threads bound to the CPUs
@@ -176,6 +181,8 @@ class VLLMEngine(Engine):
 
         from cart.engines.vllm_connector import cartridge_salt
 
+        if kv_prefix.bias is not None:
+            raise CartError(BIAS_REFUSED)
         with self._spool_lock:
             salt = self._salts.get(kv_prefix)
         if salt is not None:

