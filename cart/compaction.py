@@ -70,6 +70,10 @@ class CompactionConfig:
             raise CartError(f"max_queries must be at least 1, got {self.max_queries}")
         if not self.ridge >= 0:
             raise CartError(f"ridge must be >= 0, got {self.ridge}")
+        if self.select not in ("max", "rms", "mean"):
+            raise CartError(f"select must be max, rms or mean, got {self.select!r}")
+        if not self.bias_bound > 0:
+            raise CartError(f"bias_bound must be > 0, got {self.bias_bound}")
 
 
 def repeat_query_ids(tokenizer: Any, corpus_ids: Sequence[int]) -> list[int]:
@@ -109,7 +113,6 @@ def compact(model: Any, prefix_ids: Sequence[int], queries: Sequence[Sequence[in
     segment = torch.cat([torch.full((len(q),), i) for i, q in enumerate(queries)]).to(device)
     causal = torch.ones((total, total), dtype=torch.bool, device=device).tril()
     mask = (causal & (segment.unsqueeze(0) == segment.unsqueeze(1))).view(1, 1, total, total)
-    fitter.valid = torch.ones((1, total), dtype=torch.bool, device=device)
     previous = model.config._attn_implementation
     from cart.attention import register
 
@@ -141,7 +144,6 @@ class _LayerFitter:
 
     def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], cfg: CompactionConfig):
         self.kv, self.cfg = kv, cfg
-        self.valid = None  # [B, L] bool: real (not padding) query tokens
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # compacted [kv_heads, p, d]
         self.biases: list[torch.Tensor] = []  # [kv_heads, p]
 
@@ -162,13 +164,14 @@ class _LayerFitter:
         return SharedPrefixes([(list(range(query.shape[0])), self.layers, self.biases)], query.shape[0])
 
     def _reference(self, query: torch.Tensor, kv_heads: int) -> torch.Tensor:
-        """``[kv_heads, N, d]``: the valid tokens' queries of every query head, grouped under
-        their KV head (head h uses KV head h // group), subsampled to ``max_queries``."""
+        """``[kv_heads, N, d]``: the queries of every token (one packed row) and query head,
+        grouped under their KV head (head h uses KV head h // group), subsampled to
+        ``max_queries``."""
         import torch
 
         b, heads, length, d = query.shape
         group = heads // kv_heads
-        q = query.permute(0, 2, 1, 3)[self.valid[:, :length]]  # [n, heads, d]
+        q = query.permute(0, 2, 1, 3).reshape(b * length, heads, d)  # [n, heads, d]
         q = q.reshape(-1, kv_heads, group, d).permute(1, 0, 2, 3).reshape(kv_heads, -1, d)
         n = q.shape[1]
         if n > self.cfg.max_queries:
