@@ -16,8 +16,10 @@ Loading goes through safetensors only: never pickle.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +46,14 @@ _JSON_KEYS = ("init", "synth", "training", "parts", "corpus_paths")
 
 MAX_POSITION = 1 << 24  # a sanity bound on query_position
 
+# The SHA-256 of the file's tensor data (every byte after the header), written by save() and
+# verified on load when present (files of older versions have none): a flipped bit in a tensor
+# is otherwise a valid file with different numbers.
+CHECKSUM_KEY = "tensor_sha256"
+
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# the safetensors dtypes a cartridge's tensors may have (K/V in any of these, biases F32)
+_SAFETENSORS_DTYPES = {"F32": 4, "BF16": 2, "F16": 2}
 
 
 def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: str) -> int:
@@ -181,12 +190,24 @@ class Cartridge:
         return md
 
     def to_bytes(self) -> bytes:
+        """The file, with the checksum of its tensor data in the metadata. The data section
+        does not depend on the metadata, so it is hashed from a first serialisation."""
         from safetensors.torch import save
 
-        return save(self.tensors(), metadata=encode_metadata(self.full_metadata()))
+        tensors = self.tensors()
+        metadata = encode_metadata(self.full_metadata())
+        metadata.pop(CHECKSUM_KEY, None)  # a loaded cartridge's: recomputed
+        metadata[CHECKSUM_KEY] = _data_sha256(save(tensors, metadata=metadata))
+        return save(tensors, metadata=metadata)
 
     def save(self, path: str | os.PathLike | None) -> None:
-        """Write atomically (temp file + rename); ``-``/None writes to stdout."""
+        """Write atomically (temp file + rename); ``-``/None writes to stdout. A cartridge with
+        NaN or infinite values is refused: every reader would fail on it, or answer nonsense."""
+        bad = _non_finite(self.tensors())
+        if bad is not None:
+            name = "<stdout>" if path is None or str(path) == "-" else str(path)
+            raise CartError(f"{name}: not written: tensor {bad} of the cartridge holds NaN or "
+                            "infinite values")
         data = self.to_bytes()
         with atomic_output(path) as f:
             f.write(data)
@@ -198,7 +219,7 @@ class Cartridge:
             raise CartError(f"{path}: no such cartridge file")
         if path.is_dir():
             raise CartError(f"{path}: is a directory, expected a cartridge file")
-        return cls.from_bytes(path.read_bytes(), str(path), expect)
+        return cls.from_bytes(_read(path), str(path), expect)
 
     @classmethod
     def from_bytes(cls, data: bytes, name: str = "cartridge",
@@ -211,6 +232,10 @@ class Cartridge:
             tensors = load(data)
         except (SafetensorError, ValueError, RuntimeError) as e:
             raise CartError(f"{name}: corrupt cartridge file ({_one_line(e)})") from None
+        bad = _non_finite(tensors)
+        if bad is not None:
+            raise CartError(f"{name}: corrupt cartridge file (tensor {bad} holds NaN or "
+                            "infinite values)")
         n = metadata["num_layers"]
         try:
             groups = [[tensors[f"{kind}.{i}.{part}"] for i in range(n)]
@@ -221,6 +246,15 @@ class Cartridge:
                 biases = [tensors[f"bias.{i}"] for i in range(n)]
         except KeyError as e:
             raise CartError(f"{name}: corrupt cartridge file (missing tensor {e.args[0]})") from None
+        # a file with more layers than its metadata says (or foreign tensors) is not this one
+        used = sum(len(g) for g in groups) + (len(biases) if biases is not None else 0)
+        if used != len(tensors):
+            extra = sorted(set(tensors) - {f"{kind}.{i}.{part}" for i in range(n)
+                                           for kind in ("frozen", "trainable")
+                                           for part in ("keys", "values")}
+                           - {f"bias.{i}" for i in range(n)})
+            raise CartError(f"{name}: corrupt cartridge file (unexpected tensor {extra[0]}; the "
+                            f"metadata says num_layers={n})")
         if (biases is not None) != (metadata["format"].split("/", 1)[1].split(".")[0] == str(FORMAT_MAJOR)):
             raise CartError(f"{name}: corrupt cartridge file (format {metadata['format']} "
                             f"{'without' if biases is None else 'with'} attention biases)")
@@ -228,10 +262,13 @@ class Cartridge:
             cart = cls(*groups, metadata=metadata, biases=biases)
         except ValueError as e:
             raise CartError(f"{name}: corrupt cartridge file ({e})") from None
-        if (cart.num_tokens, cart.num_frozen, cart.dtype) != (
-                metadata["p"], metadata["num_frozen_tokens"], metadata["dtype"]):
+        shape_keys = ("p", "num_frozen_tokens", "num_layers", "kv_heads", "head_dim", "dtype")
+        if (cart.num_tokens, cart.num_frozen, cart.num_layers, cart.kv_heads, cart.head_dim,
+                cart.dtype) != tuple(metadata[k] for k in shape_keys):
             raise CartError(f"{name}: corrupt cartridge file (tensors do not match the metadata: "
-                            f"p={cart.num_tokens}, frozen={cart.num_frozen}, dtype={cart.dtype})")
+                            f"p={cart.num_tokens}, frozen={cart.num_frozen}, "
+                            f"layers={cart.num_layers}, kv_heads={cart.kv_heads}, "
+                            f"head_dim={cart.head_dim}, dtype={cart.dtype})")
         qp = metadata.get("query_position")
         # compacted keys keep their corpus positions: queries may start past p
         if qp is not None and not 1 <= qp <= MAX_POSITION:
@@ -257,6 +294,9 @@ def decode_metadata(raw: dict[str, str], name: str) -> dict[str, Any]:
     for k in _REQUIRED_KEYS:
         if k not in md:
             raise CartError(f"{name}: not a cart cartridge (metadata lacks '{k}')")
+    if md["dtype"] not in _DTYPE_BYTES:
+        raise CartError(f"{name}: corrupt cartridge metadata (dtype {md['dtype']!r} is not one of "
+                        f"{', '.join(_DTYPE_BYTES)})")
     try:
         for k in _INT_KEYS:
             if k in md:
@@ -267,15 +307,14 @@ def decode_metadata(raw: dict[str, str], name: str) -> dict[str, Any]:
         for k in _JSON_KEYS:
             if k in md:
                 md[k] = json.loads(md[k])
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:  # RecursionError: absurd nesting
         raise CartError(f"{name}: corrupt cartridge metadata ({_one_line(e)})") from None
     return md
 
 
 def read_metadata_bytes(data: bytes, name: str) -> dict[str, Any]:
-    """Parse and check the header of a cartridge file without building tensors."""
-    import struct
-
+    """Parse and check the header of a cartridge file without building tensors: its structure
+    (before anything uses it), its format, and the checksum of the tensor data if it has one."""
     if len(data) < 8:
         raise CartError(f"{name}: not a cartridge file (empty or truncated)")
     (header_len,) = struct.unpack("<Q", data[:8])
@@ -283,12 +322,11 @@ def read_metadata_bytes(data: bytes, name: str) -> dict[str, Any]:
         raise CartError(f"{name}: not a cartridge file (truncated or not safetensors)")
     try:
         header = json.loads(data[8:8 + header_len])
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise CartError(f"{name}: not a cartridge file (corrupt safetensors header)") from None
     if not isinstance(header, dict):
         raise CartError(f"{name}: not a cartridge file (corrupt safetensors header)")
-    end = max((v["data_offsets"][1] for k, v in header.items()
-               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    end = _check_header(header, name)
     if 8 + header_len + end != len(data):
         raise CartError(f"{name}: corrupt cartridge file (expected {8 + header_len + end} bytes, "
                         f"found {len(data)}: truncated?)")
@@ -300,14 +338,88 @@ def read_metadata_bytes(data: bytes, name: str) -> dict[str, Any]:
     if major not in READABLE_MAJORS:
         raise CartError(f"{name}: unsupported cartridge format {fmt} (this cart reads "
                         f"{FORMAT_NAME}/{' and /'.join(READABLE_MAJORS)})")
+    checksum = raw.get(CHECKSUM_KEY)
+    if checksum is not None and checksum != _data_sha256(data):
+        raise CartError(f"{name}: corrupt cartridge file (the tensor data does not match the "
+                        f"checksum in its metadata: damaged or edited)")
     return decode_metadata(raw, name)
+
+
+def _check_header(header: dict, name: str) -> int:
+    """Refuse a safetensors header that is not what safetensors writes for a cartridge
+    (crafted or damaged: metadata that is not strings, offsets that are not pairs of integers,
+    dtypes a cartridge never has, tensors that overlap or leave gaps). Returns the length of
+    the data section it describes."""
+
+    def bad(problem: str) -> CartError:
+        return CartError(f"{name}: corrupt cartridge file (safetensors header: {problem})")
+
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise bad("__metadata__ must map strings to strings")
+    spans = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise bad(f"tensor {key!r} is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+            raise bad(f"tensor {key!r} has dtype {dtype!r}, not one of "
+                      f"{', '.join(_SAFETENSORS_DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise bad(f"tensor {key!r}: shape must be a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+                and offsets[0] <= offsets[1]):
+            raise bad(f"tensor {key!r}: data_offsets must be two integers [begin, end], "
+                      "0 <= begin <= end")
+        size = _SAFETENSORS_DTYPES[dtype]
+        for d in shape:
+            size *= d
+        if offsets[1] - offsets[0] != size:
+            raise bad(f"tensor {key!r}: data_offsets span {offsets[1] - offsets[0]} bytes, its "
+                      f"shape and dtype need {size}")
+        spans.append((offsets[0], offsets[1], key))
+    end = 0
+    for begin, stop, key in sorted(spans):
+        if begin != end:
+            raise bad(f"tensor {key!r}: data_offsets overlap another tensor or leave a gap")
+        end = stop
+    return end
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _data_sha256(data: bytes) -> str:
+    """The SHA-256 of a safetensors file's data section (what follows the header)."""
+    (header_len,) = struct.unpack("<Q", data[:8])
+    return hashlib.sha256(memoryview(data)[8 + header_len:]).hexdigest()
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding a NaN or an infinity, or None."""
+    import torch
+
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return key
+    return None
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CartError(f"{path}: no such cartridge file")
-    return read_metadata_bytes(path.read_bytes(), str(path))
+    return read_metadata_bytes(_read(path), str(path))
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise CartError(f"{path}: cannot read: {e.strerror}") from None
 
 
 def _one_line(e: BaseException) -> str:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cart.config import check_type
+from cart.config import MAX_COUNT, check_at_most, check_type
 from cart.io import STDIO, CartError, Console, schema_id, sha256_hex
 
 MODES = ("random", "sequential")
@@ -50,6 +50,7 @@ class ChunkConfig:
             check_type("num_chunks", self.num_chunks, int)
             if self.num_chunks < 1:
                 raise CartError(f"-n/--num-chunks must be at least 1, got {self.num_chunks}")
+            check_at_most("-n/--num-chunks", self.num_chunks, MAX_COUNT)
         if self.min_tokens < 1:
             raise CartError(f"--min-tokens must be at least 1, got {self.min_tokens}")
         if self.min_tokens > self.max_tokens:
@@ -97,6 +98,12 @@ def read_corpus(inputs: Sequence[str], console: Console, stdin_bytes: bytes | No
     if not any(d.text.strip() for d in docs):
         raise CartError(f"{_names(inputs)}: corpus is empty")
     return docs
+
+
+def corpus_text(docs: Sequence[Document]) -> str:
+    """The corpus as one text, as ``cart eval --icl`` puts it in context: the documents in
+    order, their outer newlines stripped, a blank line between them."""
+    return DOCUMENT_SEPARATOR.join(d.text.strip("\n") for d in docs if d.text.strip())
 
 
 def display(path: str) -> str:

@@ -87,7 +87,7 @@ def chunk_command(
     """Cut a corpus into token windows (cart.chunk/1 JSONL on stdout or -o)."""
     from cart.chunk import ChunkConfig, chunk_corpus
     from cart.config import resolve
-    from cart.io import Console, write_jsonl
+    from cart.io import Console, check_outputs, write_jsonl
 
     console = Console(quiet)
     cfg = resolve(ChunkConfig, config, "chunk", mode=mode, num_chunks=num_chunks,
@@ -97,6 +97,7 @@ def chunk_command(
         if sys.stdin.isatty():
             raise CartError("no input: give corpus files or directories, or - for stdin")
         inputs = ["-"]
+    check_outputs({"-o": output}, inputs)
     records = chunk_corpus(inputs, cfg, model, console)
     write_jsonl(records, output)
 
@@ -177,7 +178,7 @@ def synth_command(
 ):
     """Self-study: the model quizzes itself about chunks (cart.convo/1 JSONL with teacher top-k)."""
     from cart.config import resolve
-    from cart.io import Console
+    from cart.io import Console, check_outputs
     from cart.synth import SynthConfig, parse_shard, synthesize
 
     console = Console(quiet)
@@ -193,6 +194,7 @@ def synth_command(
         if sys.stdin.isatty():
             raise CartError("no input: give corpus files/directories or chunk JSONL, or - for stdin")
         inputs = ["-"]
+    check_outputs({"-o": output}, [*inputs, cfg.seed_prompts])
     synthesize(inputs, cfg, model, output, shard_ix, console)
 
 
@@ -250,7 +252,7 @@ def distill_command(
     from cart.cartridge import read_metadata
     from cart.config import resolve
     from cart.distill import DistillConfig, distill
-    from cart.io import Console, check_output_path
+    from cart.io import Console, check_outputs
 
     console = Console(quiet)
     if tokens is None and init is not None and init.endswith(".safetensors") and Path(init).is_file():
@@ -265,9 +267,9 @@ def distill_command(
         inputs = ["-"]
     if output is None and sys.stdout.isatty():
         output = "auto"  # never binary onto a terminal: a file named after the corpus
-    for path in (output, log):  # fail now, not after training
-        if path not in (None, "-", "auto"):
-            check_output_path(path)
+    # fail now, not after training
+    check_outputs({"-o": None if output == "auto" else output, "--log": log,
+                   "--checkpoint": checkpoint}, [*inputs, cfg.init, cfg.init_text])
     distill(inputs, cfg, model, output, checkpoint, log, console)
 
 
@@ -295,7 +297,7 @@ def compact_command(
     """Compact the corpus's KV cache into a cartridge by attention matching (no training)."""
     from cart.compact import CompactConfig, compact_corpus
     from cart.config import resolve
-    from cart.io import Console, check_output_path
+    from cart.io import Console, check_outputs
 
     cfg = resolve(CompactConfig, config, "compact", tokens=tokens, window=window,
                   max_queries=max_queries, device=device)
@@ -305,8 +307,7 @@ def compact_command(
         inputs = ["-"]
     if output is None and sys.stdout.isatty():
         raise CartError("no output: give -o FILE (a cartridge is not written to a terminal)")
-    if output not in (None, "-"):
-        check_output_path(output)
+    check_outputs({"-o": output}, inputs)
     compact_corpus(inputs, cfg, model, output, Console(quiet))
 
 
@@ -318,9 +319,10 @@ def eval_command(
         "--cartridge", "-c", help="A cartridge to evaluate (repeatable; each is one method).",
         show_default=False)] = None,
     icl: Annotated[Optional[list[str]], typer.Option(
-        "--icl", help="Corpus file for in-context learning: the whole corpus in the system "
-                      "message (repeatable: the files are joined in order). Refused if it does "
-                      "not fit the model's context.", show_default=False)] = None,
+        "--icl", help="Corpus for in-context learning, read as cart chunk reads it: a file, a "
+                      "directory (recursive, text files only) or - for stdin; the whole corpus "
+                      "goes in the system message (repeatable: joined in order). Refused if it "
+                      "does not fit the model's context.", show_default=False)] = None,
     truncate: Annotated[Optional[list[int]], typer.Option(
         "--truncate", help="Also ICL on the corpus's first N tokens (the same-memory baseline; "
                            "repeatable; needs --icl).", show_default=False)] = None,
@@ -372,8 +374,8 @@ def eval_command(
 @app.command("compose")
 def compose_command(
     cartridges: Annotated[list[str], typer.Argument(
-        help="Two or more cartridge files, in order (the first one's attention sink is kept).",
-        show_default=False)],
+        help="Two or more cartridge files, in order (the first one's attention sink is kept); "
+             "one of them may be - for stdin.", show_default=False)],
     output: Annotated[Optional[str], typer.Option(
         "-o", "--output", help="The composed cartridge (.safetensors), written atomically, or - "
                                "for stdout. [default: stdout when it is not a terminal]",
@@ -385,19 +387,18 @@ def compose_command(
 ):
     """Concatenate cartridges into one (one attention sink, parts recorded)."""
     from cart.compose import compose_files
-    from cart.io import Console, check_output_path
+    from cart.io import Console, check_outputs
 
     if output is None and sys.stdout.isatty():
         raise CartError("no output: give -o FILE (a cartridge is not written to a terminal)")
-    if output not in (None, "-"):
-        check_output_path(output)
+    check_outputs({"-o": output}, cartridges)
     compose_files(cartridges, output, Console(quiet), sinks)
 
 
 @app.command("info")
 def info_command(
-    cartridge: Annotated[str, typer.Argument(help="A cartridge file (.safetensors).",
-                                             show_default=False)],
+    cartridge: Annotated[str, typer.Argument(help="A cartridge file (.safetensors), or - for "
+                                                  "stdin.", show_default=False)],
     model: Annotated[Optional[str], typer.Option(
         "--model", "-m", help="Also check that the cartridge fits this model (refused if not).",
         show_default=False)] = None,
@@ -451,6 +452,10 @@ def serve_command(
     shutdown_timeout: Annotated[Optional[float], _opt("--shutdown-timeout", "Seconds in-flight "
                                                       "requests get to finish after SIGTERM or "
                                                       "Ctrl-C. [default: 120]")] = None,
+    request_timeout: Annotated[Optional[float], _opt("--request-timeout", "Seconds a client "
+                                                     "gets to send a request's headers, and "
+                                                     "then its body; slower connections are "
+                                                     "closed. [default: 30]")] = None,
     engine: EngineOpt = None,
     dtype: EngineDtypeOpt = None,
     device: EngineDeviceOpt = None,
@@ -463,12 +468,15 @@ def serve_command(
     from cart.io import Console
     from cart.serve import ServeConfig, serve
 
+    if api_key is None and os.environ.get("CART_API_KEY") == "":
+        api_key = ""  # click takes an empty variable for unset: refuse it as --api-key ""
     cfg = resolve(ServeConfig, config, "serve", cartridges=cartridges, host=host, port=port,
                   api_key=api_key, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
                   max_body_bytes=max_body_bytes,
                   max_concurrent=max_concurrent, max_batch=max_batch,
                   cache_bytes=cache_bytes,
-                  shutdown_timeout=shutdown_timeout, engine=engine, dtype=dtype, device=device)
+                  shutdown_timeout=shutdown_timeout, request_timeout=request_timeout,
+                  engine=engine, dtype=dtype, device=device)
     serve(cfg, model, quiet=quiet, console=Console(quiet))
 
 
@@ -511,6 +519,10 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
     except Exception as e:  # a bug: keep it to one line unless asked for the traceback
+        from cart.io import WRITE_ERRNOS
+
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:  # a full disk, not a bug
+            _fail(f"{e.filename + ': ' if e.filename else ''}cannot write: {e.strerror}", 1)
         if os.environ.get("CART_DEBUG"):
             raise
         _fail(f"internal error: {type(e).__name__}: {e} (set CART_DEBUG=1 for a traceback)", 70)

@@ -19,11 +19,10 @@ tokenizer, with the same dtype and KV shape.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Sequence
 
 from cart.cartridge import Cartridge
-from cart.io import CartError, Console
+from cart.io import CartError, Console, check_stdin_once, display_name, read_input_bytes
 
 # metadata a composed cartridge takes from its first part (identical in every part)
 _SHARED_KEYS = ("base_model", "model_config_hash", "tokenizer_hash")
@@ -33,15 +32,13 @@ SINKS = ("one", "all")
 
 
 def compose(paths: Sequence[str], sinks: str = "one") -> Cartridge:
+    """Compose cartridge files (one of them may be ``-``, stdin)."""
+    check_stdin_once(paths)
     parts: list[tuple[str, Cartridge, str]] = []
     for path in paths:
-        p = Path(path)
-        if not p.exists():
-            raise CartError(f"{path}: no such cartridge file")
-        if p.is_dir():
-            raise CartError(f"{path}: is a directory, expected a cartridge file")
-        data = p.read_bytes()
-        parts.append((path, Cartridge.from_bytes(data, path), hashlib.sha256(data).hexdigest()))
+        data = read_input_bytes(path, "cartridge file")
+        name = display_name(path)
+        parts.append((name, Cartridge.from_bytes(data, name), hashlib.sha256(data).hexdigest()))
     return compose_parts(parts, sinks)
 
 

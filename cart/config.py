@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,7 +56,12 @@ def resolve(cls: type[T], config_file: str | Path | None, stage: str, **flags: A
             f"{config_file}: unknown setting '{unknown[0]}' for {stage} "
             f"(known: {', '.join(sorted(known))})"
         )
-    values.update({k: v for k, v in flags.items() if v is not None})
+    for key, value in values.items():
+        check_finite(f"{config_file}: setting '{key}'", value)
+    flags = {k: v for k, v in flags.items() if v is not None}
+    for key, value in flags.items():
+        check_finite(flag(key), value)
+    values.update(flags)
     try:
         return cls(**values)
     except TypeError as e:  # a wrongly typed value from a config file
@@ -72,6 +78,30 @@ def check_type(name: str, value: Any, types: type | tuple[type, ...]) -> None:
     if not ok:
         names = " or ".join(t.__name__ for t in types_t)
         raise CartError(f"{flag(name)} must be {names}, got {value!r}")
+    check_finite(flag(name), value)
+
+
+def check_finite(name: str, value: Any) -> None:
+    """Refuse NaN and infinities, which flags (click's FLOAT) and config files (TOML ``nan``,
+    JSON ``Infinity``) both let through, and which slip past range checks (``nan < 0`` is
+    False) to poison sampling or training. ``name`` is the flag or setting, for the message."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CartError(f"{name} must be a finite number, got {value}")
+    if isinstance(value, list):
+        for item in value:
+            check_finite(name, item)
+
+
+# Counts past these are typos, not runs: they would sit silently for hours or exhaust memory
+# before the first progress update.
+MAX_COUNT = 1_000_000
+MAX_BATCH = 4096
+
+
+def check_at_most(name: str, value: int, maximum: int) -> None:
+    """For ``__post_init__``: a one-line error for an absurdly large count or batch."""
+    if value > maximum:
+        raise CartError(f"{name} must be at most {maximum}, got {value}")
 
 
 def flag(name: str) -> str:

@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cart.config import check_type
-from cart.io import CartError, Console, dumps, require, sha256_hex
+from cart.config import MAX_BATCH, check_at_most, check_type
+from cart.io import CartError, Console, dumps, output_destination, require, sha256_hex
 
 OBJECTIVES = ("kl", "ntp")
 INIT_KINDS = ("attention-match", "corpus", "random-tokens", "random-vectors", "text")
@@ -76,6 +76,7 @@ class DistillConfig:
                                      ("frozen_tokens", "--frozen-tokens", 1)):
             if getattr(self, name) < low:
                 raise CartError(f"{flag_name} must be at least {low}, got {getattr(self, name)}")
+        check_at_most("--batch-size", self.batch_size, MAX_BATCH)
         if self.frozen_tokens >= self.tokens:
             raise CartError(f"--frozen-tokens ({self.frozen_tokens}) must be less than "
                             f"-p/--tokens ({self.tokens})")
@@ -106,6 +107,7 @@ class Conversation:
     positions: list[int]  # index (in token_ids) of each predicted token
     cand_ids: list[list[int]]  # teacher candidates per position, best first
     cand_logprobs: list[list[float]]
+    where: str = ""  # FILE:LINE of its record, for messages
 
 
 @dataclass
@@ -150,9 +152,13 @@ def load_conversations(inputs: Sequence[str], console: Console) -> ConvoSet:
                                 f"tokenizer {model['tokenizer_hash']}): distill one model's data")
             if corpus is None and isinstance(r.get("corpus"), dict):
                 corpus = r["corpus"]
+                # they go into the cartridge's metadata, which must read back
+                for key, types in (("hash", str), ("n_tokens", int)):
+                    if corpus.get(key) is not None:
+                        require(corpus, key, types, f"{where}: corpus")
             head = r.get("corpus_head")
             if head_ids is None and isinstance(head, dict) and isinstance(head.get("ids"), list):
-                if not all(isinstance(t, int) and not isinstance(t, bool) for t in head["ids"]):
+                if not all(_is_token_id(t) for t in head["ids"]):
                     raise CartError(f"{where}: field 'corpus_head.ids' must be a list of token ids")
                 head_ids, head_source = head["ids"], f"{head.get('source', 'corpus')} ({where})"
             run = r.get("run")
@@ -189,16 +195,44 @@ def _parse_convo(r: dict, where: str) -> Conversation:
         raise CartError(f"{where}: targets.positions, targets.ids and targets.logprobs differ "
                         f"in length ({len(positions)}, {len(cand_ids)}, {len(cand_lps)})")
     for j, pos in enumerate(positions):
-        if not isinstance(pos, int) or not 0 < pos < len(ids):
+        if not isinstance(pos, int) or isinstance(pos, bool) or not 0 < pos < len(ids):
             raise CartError(f"{where}: targets.positions[{j}] = {pos!r} is outside 1..{len(ids) - 1}")
         c, lp = cand_ids[j], cand_lps[j]
         if not (isinstance(c, list) and isinstance(lp, list) and c and len(c) == len(lp)):
             raise CartError(f"{where}: targets.ids[{j}] and targets.logprobs[{j}] must be "
                             "non-empty lists of equal length")
-        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x <= 1e-6
-                   for x in lp):
-            raise CartError(f"{where}: targets.logprobs[{j}] must hold log-probabilities (<= 0)")
-    return Conversation(str(r.get("id", where)), ids, positions, cand_ids, cand_lps)
+        bad = next((t for t in c if not _is_token_id(t)), None)
+        if bad is not None:
+            raise CartError(f"{where}: targets.ids[{j}] must hold token ids (non-negative "
+                            f"integers), got {bad!r}")
+        # NaN and infinities would make the loss, and then every trained value, NaN
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                   and x <= 1e-6 for x in lp):
+            raise CartError(f"{where}: targets.logprobs[{j}] must hold finite log-probabilities "
+                            "(<= 0)")
+    return Conversation(str(r.get("id", where)), ids, positions, cand_ids, cand_lps, where)
+
+
+def _is_token_id(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
+
+
+def check_vocabulary(data: ConvoSet, vocab: int) -> None:
+    """Refuse token ids the model does not have (they would index past its embeddings)."""
+    for c in data.convos:
+        bad = next((t for t in c.token_ids if t >= vocab), None)
+        if bad is not None:
+            raise CartError(f"{c.where}: token_ids holds token id {bad}, outside the model's "
+                            f"vocabulary ({vocab})")
+        for j, ids in enumerate(c.cand_ids):
+            bad = next((t for t in ids if t >= vocab), None)
+            if bad is not None:
+                raise CartError(f"{c.where}: targets.ids[{j}] holds token id {bad}, outside the "
+                                f"model's vocabulary ({vocab})")
+    bad = next((t for t in data.head_ids or [] if t >= vocab), None)
+    if bad is not None:
+        raise CartError(f"corpus_head.ids of {data.head_source} holds token id {bad}, outside "
+                        f"the model's vocabulary ({vocab})")
 
 
 # -- packing and batches ---------------------------------------------------------------------------
@@ -298,9 +332,10 @@ def make_batch(rows: list[list[int]], convos: Sequence[Conversation], p: int, pa
             for pos, ids, lps in zip(c.positions, c.cand_ids, c.cand_logprobs):
                 t_rows.append(r)
                 t_cols.append(offset + pos - 1)
-                q = torch.tensor(lps, dtype=torch.float64).exp()
+                # renormalised over the kept candidates in log space: exp() of very low
+                # log-probs (-1000) underflows to 0, and 0/0 is NaN
                 cands.append(ids)
-                probs.append((q / q.sum()).tolist())
+                probs.append(torch.tensor(lps, dtype=torch.float64).softmax(0).tolist())
                 nexts.append(c.token_ids[pos])
             offset += n
             tokens += n
@@ -625,8 +660,8 @@ def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
             raise CartError(f"{output} exists (the default name); give -o FILE to choose the "
                             f"file, or -o {output} to replace it")
         console.notice(f"cart: the cartridge goes to {output}")
-    if checkpoint is None and output not in (None, "-"):
-        checkpoint = output + ".ckpt"
+    if checkpoint is None and output not in (None, "-") and output_destination(output)[1]:
+        checkpoint = output + ".ckpt"  # none beside a pipe or device (-o >(...)), as on stdout
     ref = resolve_model(model_spec, console)
     tokenizer = load_tokenizer(ref)
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -642,12 +677,7 @@ def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
                         f"{m['config_hash']}, tokenizer {m['tokenizer_hash']}), not "
                         f"{identity.model_id} (config {identity.config_hash}, tokenizer "
                         f"{identity.tokenizer_hash}); give --model")
-    vocab = int(model.config.vocab_size)
-    for c in data.convos:
-        bad = [t for t in c.token_ids if t >= vocab] or [t for ids in c.cand_ids for t in ids if t >= vocab]
-        if bad:
-            raise CartError(f"conversation {c.id}: token id {bad[0]} outside the model's "
-                            f"vocabulary ({vocab})")
+    check_vocabulary(data, int(model.config.vocab_size))
     max_len = max(len(c.token_ids) for c in data.convos)
     context = context_length(model.config)
     if cfg.tokens + max_len > context:
@@ -713,6 +743,9 @@ def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
                     sums = torch.tensor([loss_sum, kl_sum], dtype=torch.float64)
                     torch.distributed.all_reduce(sums)
                     loss_sum, kl_sum = sums.tolist()
+                if not math.isfinite(loss_sum):  # before the step: no NaN reaches a file
+                    raise non_finite_loss(step + 1, rows, data.convos, module, first_position,
+                                          pad_id, device)
                 optimizer.step()
                 seconds = time.perf_counter() - started
                 last_loss = loss_sum / max(step_targets, 1)
@@ -773,6 +806,30 @@ def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
                  f"{totals['tokens'] / max(totals['seconds'], 1e-9):.0f} tok/s"
                  + (f" -> {output}" if output not in (None, "-") else ""))
     return result
+
+
+def non_finite_loss(step: int, rows: list[list[int]], convos: Sequence[Conversation], module,
+                    p: int, pad_id: int, device: Any) -> CartError:
+    """The error for a step whose loss is NaN or infinite: the conversations of the step are
+    tried one by one to name the record at fault; when every one fails, the cartridge itself
+    has diverged."""
+    import torch
+
+    members = [i for row in rows for i in row]
+    failing = []
+    with torch.no_grad():
+        for i in members:
+            _, loss_sum, _ = module(make_batch([[i]], convos, p, pad_id, device), 1.0)
+            if not math.isfinite(loss_sum):
+                failing.append(i)
+    if failing and len(failing) < len(members):
+        c = convos[failing[0]]
+        return CartError(f"step {step}: the loss is not finite on conversation {c.where} "
+                         f"({c.id}); no cartridge written")
+    c = convos[members[0]]
+    return CartError(f"step {step}: the loss is not finite on every conversation of the step "
+                     f"(the first: {c.where}, {c.id}): the cartridge's values are out of range "
+                     "(training diverged? lower --lr); no cartridge written")
 
 
 def _log_lines_upto(path: Path, step: int) -> list[str]:

@@ -13,6 +13,7 @@ through the engine) and scored by their metric.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -22,9 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from cart.config import check_type
-from cart.io import (CartError, Console, check_output_path, display_name, dumps, human_bytes,
-                     intact_records, sha256_hex)
+from cart.config import MAX_BATCH, check_at_most, check_type
+from cart.io import (CartError, Console, atomic_output, check_outputs, check_stdin_once,
+                     display_name, dumps, human_bytes, intact_records, output_destination,
+                     read_input_bytes, sha256_hex)
 
 RESULT_SCHEMA = "cart.result/1"
 
@@ -51,6 +53,7 @@ class EvalConfig:
             raise CartError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise CartError(f"--batch-size must be >= 1, got {self.batch_size}")
+        check_at_most("--batch-size", self.batch_size, MAX_BATCH)
         if self.temperature < 0:
             raise CartError(f"--temperature must be >= 0, got {self.temperature}")
         check_runtime(self.engine, self.dtype)
@@ -71,22 +74,8 @@ class Method:
 
 
 # -- building the methods ----------------------------------------------------------------------
-def read_corpus(paths: Sequence[str]) -> str:
-    """The ICL corpus: the files' text in order, separated by blank lines."""
-    parts = []
-    for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise CartError(f"{p}: no such corpus file" if not path.exists() else f"{p}: is not a file")
-        try:
-            parts.append(path.read_text(encoding="utf-8").strip("\n"))
-        except UnicodeDecodeError:
-            raise CartError(f"{p}: not UTF-8 text") from None
-    return "\n\n".join(parts)
-
-
 def build_methods(engine, *, no_context: bool, icl: Sequence[str], truncate: Sequence[int],
-                  cartridges: Sequence[str]) -> list[Method]:
+                  cartridges: Sequence[str], console: Console | None = None) -> list[Method]:
     from cart.engines.base import KVPrefix
     from cart.chat import SYSTEM_TEMPLATE, shared_prefix_len
 
@@ -97,7 +86,9 @@ def build_methods(engine, *, no_context: bool, icl: Sequence[str], truncate: Seq
     if truncate and not icl:
         raise CartError("--truncate N needs the corpus: give --icl CORPUS")
     if icl:
-        corpus = read_corpus(icl)
+        from cart.chunk import corpus_text, read_corpus
+
+        corpus = corpus_text(read_corpus(icl, console or Console(quiet=True)))
         corpus_ids = tok(corpus, add_special_tokens=False)["input_ids"]
         source = ", ".join(icl)
         system = SYSTEM_TEMPLATE.format(chunk=corpus)
@@ -118,7 +109,7 @@ def build_methods(engine, *, no_context: bool, icl: Sequence[str], truncate: Seq
     for path, name in zip(cartridges, names):
         from cart.cartridge import Cartridge
 
-        data = _read_bytes(path)
+        data = read_input_bytes(path, "cartridge file")
         cart = Cartridge.from_bytes(data, path, engine.identity)
         digest = hashlib.sha256(data).hexdigest()
         methods.append(Method(name, "cartridge", cart.num_tokens, path,
@@ -129,15 +120,6 @@ def build_methods(engine, *, no_context: bool, icl: Sequence[str], truncate: Seq
     if not methods:
         raise CartError("nothing to evaluate: give --cartridge FILE, --icl CORPUS or --no-context")
     return methods
-
-
-def _read_bytes(path: str) -> bytes:
-    p = Path(path)
-    if not p.exists():
-        raise CartError(f"{path}: no such cartridge file")
-    if p.is_dir():
-        raise CartError(f"{path}: is a directory, expected a cartridge file")
-    return p.read_bytes()
 
 
 def _cartridge_name(path: str, all_paths: Sequence[str]) -> str:
@@ -324,13 +306,16 @@ def read_partial(path: Path, run: str) -> tuple[dict[tuple[str, int], dict[str, 
     where the valid part ends (a torn last line is dropped). Another run's file is refused."""
     done: dict[tuple[str, int], dict[str, Any]] = {}
     end = 0
-    for i, (rec, end) in enumerate(intact_records(path.read_bytes())):
+    for i, (rec, offset) in enumerate(intact_records(read_input_bytes(path))):
         if i == 0:
             if rec.get("run") != run:
                 raise CartError(f"{path}: partial results of another run (other questions, methods "
                                 f"or settings); delete it to start over")
+        elif not {"method", "batch", "stats", "rows"} <= rec.keys():
+            break  # not a batch this program wrote: redone from here
         else:
             done[(rec["method"], rec["batch"])] = rec
+        end = offset
     return done, end
 
 
@@ -347,9 +332,9 @@ def evaluate(questions_path: str, cfg: EvalConfig, model: str | None, *, no_cont
     from cart.models import resolve_device
     from cart.questions import load_questions
 
-    for path in (output, summary_path, plot_path):
-        if path not in (None, "-"):
-            check_output_path(path)
+    check_stdin_once([questions_path, *icl, *cartridges])
+    check_outputs({"-o": output, "--summary": summary_path, "--plot": plot_path},
+                  [questions_path, *cartridges, *icl])
     if plot_path is not None:
         import importlib.util
 
@@ -362,7 +347,7 @@ def evaluate(questions_path: str, cfg: EvalConfig, model: str | None, *, no_cont
     engine = get_engine(cfg.engine, model, dtype=cfg.dtype, device=resolve_device(cfg.device),
                         console=console)
     methods = build_methods(engine, no_context=no_context, icl=icl, truncate=truncate,
-                            cartridges=cartridges)
+                            cartridges=cartridges, console=console)
     prompts = Prompts(engine.tokenizer)
     check_fits(engine, methods, questions, prompts, cfg)
     ident = engine.identity
@@ -370,7 +355,9 @@ def evaluate(questions_path: str, cfg: EvalConfig, model: str | None, *, no_cont
     icl_tokens = next((m.kv_tokens for m in methods if m.kind == "icl"), None)
 
     run = run_fingerprint(cfg, questions_bytes, methods, ident)
-    out_path = None if output in (None, "-") else Path(output)
+    # A file is built as FILE.partial, which a rerun resumes; stdout, or a pipe or device
+    # (-o >(...)), takes the rows as they come.
+    out_path = None if output in (None, "-") or not output_destination(output)[1] else Path(output)
     done: dict[tuple[str, int], dict[str, Any]] = {}
     if out_path is not None:
         partial = out_path.with_name(out_path.name + ".partial")
@@ -388,7 +375,8 @@ def evaluate(questions_path: str, cfg: EvalConfig, model: str | None, *, no_cont
         sink = None
     summaries, all_rows = [], []
     try:
-        with console.progress() as progress:
+        with atomic_output(output) if sink is None else contextlib.nullcontext() as live, \
+                console.progress() as progress:
             task = progress.add_task("eval", total=len(methods) * len(questions), status="")
             for m in methods:
                 rows, stats = [], []
@@ -401,9 +389,9 @@ def evaluate(questions_path: str, cfg: EvalConfig, model: str | None, *, no_cont
                             sink.write(dumps(rec))
                             sink.flush()
                             os.fsync(sink.fileno())
-                    if sink is None:  # stdout: rows as they come
-                        sys.stdout.buffer.write(b"".join(dumps(r) for r in rec["rows"]))
-                        sys.stdout.buffer.flush()
+                    if live is not None:
+                        live.write(b"".join(dumps(r) for r in rec["rows"]))
+                        live.flush()
                     rows.extend(rec["rows"])
                     stats.append(rec["stats"])
                     progress.update(task, advance=len(rec["rows"]), status=m.name)

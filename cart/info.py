@@ -7,7 +7,6 @@ would occupy in context for the same model and dtype (``corpus_tokens`` x bytes 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from cart.cartridge import Cartridge, kv_bytes_per_token
@@ -15,20 +14,22 @@ from cart.io import human_bytes
 
 
 def cartridge_info(path: str | os.PathLike, model: str | None = None) -> dict[str, Any]:
-    """Metadata plus sizes, as a JSON-ready dict. With ``model``, checks compatibility."""
-    from cart.io import Console
+    """Metadata plus sizes, as a JSON-ready dict. With ``model``, checks compatibility.
+    ``path`` may be ``-`` (stdin)."""
+    from cart.io import Console, display_name, read_input_bytes
 
     expect = None
     if model is not None:
         from cart.models import ModelIdentity, resolve_model
 
         expect = ModelIdentity.of(resolve_model(model, Console(quiet=True)))
-    cart = Cartridge.load(path, expect=expect)
+    data = read_input_bytes(path, "cartridge file")
+    cart = Cartridge.from_bytes(data, display_name(path), expect)
     md = cart.metadata
     per_token = kv_bytes_per_token(cart.num_layers, cart.kv_heads, cart.head_dim, cart.dtype)
     info: dict[str, Any] = {
-        "file": str(path),
-        "file_bytes": Path(path).stat().st_size,
+        "file": display_name(path),
+        "file_bytes": len(data),
         "kv_bytes": cart.kv_bytes(),
         "kv_bytes_per_token": per_token,
     }

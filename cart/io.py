@@ -8,11 +8,14 @@ heavy, so that ``cart --help`` stays instant.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
+import stat
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -120,6 +123,28 @@ def open_input_bytes(path: str | os.PathLike) -> IO[bytes]:
         raise CartError(f"{p}: cannot open: {e.strerror}") from None
 
 
+def read_input_bytes(path: str | os.PathLike, what: str = "file") -> bytes:
+    """The whole of an input (stdin for ``-``), with one-line errors that call it a ``what``
+    (``"cartridge file"``)."""
+    if str(path) == STDIO:
+        return sys.stdin.buffer.read()
+    p = Path(path)
+    if not p.exists():
+        raise CartError(f"{path}: no such {what}")
+    if p.is_dir():
+        raise CartError(f"{path}: is a directory, expected a {what}")
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise CartError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def check_stdin_once(inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse ``-`` given twice: stdin can be read only once."""
+    if sum(str(i) == STDIO for i in inputs) > 1:
+        raise CartError("- (stdin) is given more than once; it can be read only once")
+
+
 def read_jsonl(path: str | os.PathLike, kind: str | None = None) -> Iterator[Line]:
     """Yield the records of a JSONL file (``-`` = stdin), checking their schema if ``kind``.
 
@@ -146,8 +171,8 @@ def parse_jsonl(lines: Iterable[bytes], source: str, kind: str | None = None) ->
 
 def intact_records(data: bytes) -> Iterator[tuple[Any, int]]:
     """The records of a JSONL file being appended to (a ``.partial`` file), each with the byte
-    offset just past its line; stops at the first torn or unparsable line (a kill mid-write),
-    which a resumed run truncates away."""
+    offset just past its line; stops at the first torn or unparsable line (a kill mid-write)
+    or line that is not a JSON object (not written by cart), which a resumed run truncates away."""
     end = 0
     for raw in data.splitlines(keepends=True):
         if not raw.endswith(b"\n"):
@@ -155,6 +180,8 @@ def intact_records(data: bytes) -> Iterator[tuple[Any, int]]:
         try:
             record = orjson.loads(raw)
         except orjson.JSONDecodeError:
+            return
+        if not isinstance(record, dict):
             return
         end += len(raw)
         yield record, end
@@ -171,35 +198,171 @@ def atomic_output(path: str | os.PathLike | None) -> Iterator[IO[bytes]]:
 
     Writes to a temporary file in the same directory, fsyncs, then renames over ``path``, so
     an interrupted or failed run never leaves a truncated file or damages an existing one.
-    ``None`` or ``-`` means stdout (written directly).
+    ``None`` or ``-`` means stdout (written directly). A symlink is followed: its target is
+    replaced and the link kept. A FIFO, a device, ``/dev/stdout`` or a process substitution
+    (``-o >(gzip > x.gz)``) is written straight into: a rename would replace it by a file.
     """
     if path is None or str(path) == STDIO:
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
         return
-    target = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    target, atomic = output_destination(path)
+    if not atomic:
+        with _write_errors(path):
+            with _open_for_writing(target) as f:
+                yield f
+        return
+    fd, tmp = _temp_beside(target, path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        os.fchmod(fd, _mode_for(target))
+        with _write_errors(path):
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
+# A full disk or quota while writing an output is the environment, not a bug.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
+@contextlib.contextmanager
+def _write_errors(path: str | os.PathLike) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise CartError(f"{path}: cannot write: {e.strerror}") from None
+
+
+def _open_for_writing(target: Path) -> IO[bytes]:
+    try:
+        return open(target, "wb")
+    except OSError as e:
+        raise CartError(f"{target}: cannot open for writing: {e.strerror}") from None
+
+
+def output_destination(path: str | os.PathLike) -> tuple[Path, bool]:
+    """Where output ``path`` is written, and whether atomically (temp file + rename).
+
+    A regular file or a new name is replaced by a rename, through symlinks to their final
+    target (as other Unix tools write through a link). Anything else -- a FIFO, a character
+    device, ``/dev/stdout`` or ``/dev/fd/N`` of a process substitution -- is a stream that
+    is written in place: renaming over it would swap the device or pipe for a plain file.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:  # a loop of links, a file used as a directory, no permission
+        raise CartError(f"{path}: cannot write: {e.strerror}") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise CartError(f"{path}: is a directory, expected an output file name")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        return Path(path), False
+    if st is not None and _OPEN_FILE_NAME.fullmatch(os.path.abspath(path)):
+        return Path(path), False
+    # Only a link as the last component would itself be replaced; linked directories are fine.
+    return Path(os.path.realpath(path) if os.path.islink(path) else path), True
+
+
+# ``/dev/stdout`` or ``/proc/self/fd/1`` redirected to a file: the shell opened that file for
+# this run, so it is written through the descriptor, not renamed over.
+_OPEN_FILE_NAME = re.compile(r"/dev/(stdout|stderr|fd/\d+)|/proc/(self|thread-self|\d+)/fd/\d+")
+
+
 def check_output_path(path: str | os.PathLike) -> Path:
-    """An output file name that can be written: not a directory, in a directory that exists.
-    Stages call it before long work, so a bad ``-o`` fails at once, not after hours."""
-    target = Path(path)
-    if target.is_dir():
-        raise CartError(f"{target}: is a directory, expected an output file name")
-    if not target.parent.exists():
-        raise CartError(f"{target}: directory {target.parent} does not exist")
-    return target
+    """An output file name that can be written: not a directory, in a directory that exists
+    and takes new files. Stages call it before long work (loading a model, training), so a
+    bad ``-o`` fails at once, not after hours. Returns the path as given."""
+    target, atomic = output_destination(path)
+    if not atomic:
+        if not os.access(target, os.W_OK):
+            raise CartError(f"{path}: cannot open for writing: Permission denied")
+        return Path(path)
+    fd, probe = _temp_beside(target, path)  # the only sure test (read-only mounts, root ...)
+    os.close(fd)
+    os.unlink(probe)
+    return Path(path)
+
+
+def _temp_beside(target: Path, path: str | os.PathLike) -> tuple[int, str]:
+    """A new temporary file in ``target``'s directory (same filesystem, so it can be renamed
+    over ``target``), or a one-line error saying why the directory takes no files."""
+    if not target.parent.is_dir():
+        raise CartError(f"{path}: directory {target.parent} does not exist")
+    try:
+        return tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        raise CartError(f"{path}: cannot write in directory {target.parent}: {e.strerror}") from None
+
+
+def _mode_for(target: Path) -> int:
+    """The permissions a replaced file keeps, or a new file's (0666 less the umask), not the
+    temporary file's 0600."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def check_outputs(outputs: dict[str, str | os.PathLike | None],
+                  inputs: Sequence[str | os.PathLike | None]) -> None:
+    """Before any work: every output can be written (``check_output_path``), none of them is
+    one of the inputs -- the same file by resolved path or inode, or an existing file inside
+    an input directory, which the stage would read -- and no two outputs are the same file.
+
+    ``outputs`` maps each flag (``-o``, ``--log`` ...) to its path; None and ``-`` are skipped.
+    """
+    seen: list[tuple[str, str]] = []
+    for flag, out in outputs.items():
+        if out is None or str(out) == STDIO:
+            continue
+        check_output_path(out)
+        for inp in inputs:
+            if inp is None or str(inp) == STDIO or not os.path.exists(inp):
+                continue  # a missing input is the stage's own error, not a clash
+            if _same_file(out, inp):
+                raise CartError(f"{flag} {out}: is the input {inp}; choose another output file")
+            if _inside_walked_directory(out, inp):
+                raise CartError(f"{flag} {out}: is a file in the input directory {inp}, which "
+                                "would be read as input; choose another output file")
+        for other_flag, other in seen:
+            if _same_file(out, other):
+                raise CartError(f"{flag} {out}: is also {other_flag} {other}; choose another "
+                                "output file")
+        seen.append((flag, str(out)))
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two names reach the same file: through links (resolved paths) or hard links
+    (inodes)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samestat(os.stat(a), os.stat(b))
+    except OSError:  # one of them does not exist (yet): not the same file
+        return False
+
+
+def _inside_walked_directory(out: str | os.PathLike, directory: str | os.PathLike) -> bool:
+    """Whether ``out`` is an existing file that a corpus walk of ``directory`` reads (hidden
+    names are skipped by the walk)."""
+    if not (os.path.isdir(directory) and os.path.isfile(out)):
+        return False
+    root, real = os.path.realpath(directory), os.path.realpath(out)
+    rel = os.path.relpath(real, root)
+    if rel.startswith(os.pardir + os.sep) or rel == os.pardir:
+        return False
+    return not any(part.startswith(".") for part in Path(rel).parts)
 
 
 def write_jsonl(records: Iterable[Any], path: str | os.PathLike | None) -> int:
@@ -235,8 +398,6 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, 
 
 def parse_size(text: str, name: str) -> int:
     """``"4GiB"`` / ``"512MB"`` / ``"1048576"`` -> bytes; ``name`` is the flag, for the error."""
-    import re
-
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
     unit = m.group(2).lower() if m else None
     if m is None or unit not in _SIZE_UNITS:

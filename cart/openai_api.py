@@ -8,11 +8,12 @@ does: ``cartridges`` (compose these cartridges for this request) and ``ignore_eo
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOPS = 4
+MAX_STOP_CHARS = 256  # each stop string is looked for in the text at every token
 MAX_N = 8
 
 
@@ -20,14 +21,28 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _encodable(v: str) -> str:
+    """JSON may spell a lone UTF-16 surrogate ("\\ud800"); Python keeps it, and the tokenizer
+    then fails on it (an internal error). Text must be valid Unicode."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"invalid Unicode: a lone surrogate ({v[e.start]!r}) at character "
+                         f"{e.start}") from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_encodable)]  # text that reaches the tokenizer
+
+
 class TextPart(Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    content: Union[Text, list[TextPart]]
     name: Optional[str] = None
 
     def text(self) -> str:
@@ -49,7 +64,7 @@ class Sampling(Strict):
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    stop: Optional[Union[str, list[str]]] = None
+    stop: Optional[Union[Text, list[Text]]] = None
     seed: Optional[int] = None
     user: Optional[str] = None
     ignore_eos: bool = False
@@ -69,6 +84,8 @@ class Sampling(Strict):
             raise ValueError(f"at most {MAX_STOPS} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters")
         return v
 
     def stops(self) -> list[str]:
@@ -91,7 +108,7 @@ class ChatCompletionRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: Union[str, list[str]]
+    prompt: Union[Text, list[Text]]
     max_tokens: Optional[int] = Field(default=16, ge=1)  # OpenAI's default for completions
     echo: bool = False
     logprobs: Optional[int] = None
@@ -107,6 +124,25 @@ class CompletionRequest(Sampling):
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+def validation_error(errors: list[dict]) -> tuple[str, str | None]:
+    """(message, param) of the 400 for a request that failed validation (pydantic's
+    ``errors()``): ``param`` is the field's dotted path. A value error wins over the others: in
+    a union (a prompt is a string or a list of them) it is the branch the value had the shape
+    of, and the others only say that it is not of their type."""
+    err = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    # a union's branch name (str, list[...]) in the location says nothing to the user
+    loc = [p for p in loc if not (p in ("str", "int", "float", "bool") or "[" in p
+                                  or p.startswith("function-"))]
+    param = ".".join(loc) or None
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field (not supported by this server)"
+    elif err.get("type") == "json_invalid":
+        msg, param = "the body is not valid JSON", None
+    return (f"{param}: {msg}" if param else msg), param
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

@@ -7,9 +7,12 @@ One object per line::
      "answers": ["Ada Lovelace", "Lovelace"], "metric": "contains"}
 
 ``question`` (a string) or ``messages`` (chat messages ending with the user's turn); ``answers``
-(the first is the reference answer, the rest aliases); optional ``choices`` (options A, B, ...;
-``answers`` then holds the letter); optional ``metric`` (default ``multiple_choice`` with
-choices, else ``contains``). Other fields are kept and ignored.
+(the first is the reference answer, the rest aliases) or ``answer`` (a string or such a list);
+optional ``choices`` (options A, B, ...; ``answers`` then holds the letter); optional ``metric``
+(default ``multiple_choice`` with choices, else ``contains``). ``schema`` and ``id`` are
+optional, so that question sets as people have them (``{"question": ..., "answer": ...}``)
+read as they are: a record without ``schema`` is of the current version, one without ``id`` is
+named ``line-N`` after its line. Other fields are kept and ignored.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ from __future__ import annotations
 import string
 from typing import Any
 
-from cart.io import CartError, display_name, parse_jsonl, read_jsonl, require
+from cart.io import CartError, check_schema, display_name, parse_jsonl, read_jsonl, require
 
 ROLES = ("system", "user", "assistant")
+# The longest question, message or answer text: far beyond any model's context, yet small
+# enough that a runaway file (a corpus pasted into a question) fails here, at its line.
+MAX_TEXT_CHARS = 100_000
 
 
 def default_metric(question: dict[str, Any]) -> str:
@@ -34,11 +40,13 @@ def load_questions(path: str, data: bytes | None = None) -> list[dict[str, Any]]
     questions: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     instances: dict[str, Any] = {}
-    lines = (read_jsonl(path, "questions") if data is None else
-             parse_jsonl(data.splitlines(keepends=True), display_name(path), "questions"))
+    lines = (read_jsonl(path) if data is None else
+             parse_jsonl(data.splitlines(keepends=True), display_name(path)))
     for line in lines:
         q, where = line.record, line.where
-        qid = require(q, "id", str, where)
+        if not isinstance(q, dict) or "schema" in q:  # no schema: the current version
+            check_schema(q, "questions", where)
+        qid = require(q, "id", str, where) if "id" in q else f"line-{line.lineno}"
         if not qid.strip():
             raise CartError(f"{where}: field 'id' is empty")
         if qid in seen:
@@ -49,13 +57,16 @@ def load_questions(path: str, data: bytes | None = None) -> list[dict[str, Any]]
         if "question" in q:
             if not require(q, "question", str, where).strip():
                 raise CartError(f"{where}: field 'question' is empty")
+            _check_length(q["question"], "question", where)
         else:
             _check_messages(require(q, "messages", list, where), where)
-        answers = require(q, "answers", list, where)
-        if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
-            raise CartError(f"{where}: field 'answers' must be a non-empty list of non-empty strings")
+        answers = _answers(q, where)
         if "choices" in q and not isinstance(q["choices"], list):
             raise CartError(f"{where}: field 'choices' must be list, got {type(q['choices']).__name__}")
+        for i, choice in enumerate(q.get("choices") or []):
+            if isinstance(choice, str):
+                _check_length(choice, f"choices[{i}]", where)
+        q = {**q, "id": qid, "answers": answers}
         metric = q.get("metric", default_metric(q))
         if not isinstance(metric, str):
             raise CartError(f"{where}: field 'metric' must be str, got {type(metric).__name__}")
@@ -72,12 +83,35 @@ def load_questions(path: str, data: bytes | None = None) -> list[dict[str, Any]]
     return questions
 
 
+def _answers(q: dict[str, Any], where: str) -> list[str]:
+    """The reference answer and its aliases, from ``answers`` (a list) or ``answer`` (a string
+    or a list, as most public question sets have it)."""
+    if "answers" in q and "answer" in q:
+        raise CartError(f"{where}: give only one of the fields 'answers' and 'answer'")
+    field = "answer" if "answer" in q else "answers"  # neither: "missing field 'answers'"
+    value = require(q, field, list if field == "answers" else (str, list), where)
+    answers = [value] if isinstance(value, str) else value
+    if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+        what = "a non-empty string or list" if field == "answer" else "a non-empty list"
+        raise CartError(f"{where}: field '{field}' must be {what} of non-empty strings")
+    for i, a in enumerate(answers):
+        _check_length(a, f"{field}[{i}]" if isinstance(value, list) else field, where)
+    return answers
+
+
+def _check_length(text: str, field: str, where: str) -> None:
+    if len(text) > MAX_TEXT_CHARS:
+        raise CartError(f"{where}: field '{field}' is {len(text)} characters long, more than "
+                        f"{MAX_TEXT_CHARS}")
+
+
 def _check_messages(messages: list, where: str) -> None:
     if not messages:
         raise CartError(f"{where}: field 'messages' is empty")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             raise CartError(f"{where}: messages[{i}] must be an object with a string 'content'")
+        _check_length(m["content"], f"messages[{i}].content", where)
         if m.get("role") not in ROLES:
             raise CartError(f"{where}: messages[{i}].role must be one of {', '.join(ROLES)}, "
                             f"got {m.get('role')!r}")

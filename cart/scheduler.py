@@ -165,7 +165,11 @@ class Scheduler:
                     self._cond.notify_all()  # close() may be waiting for the drain
             for ev, t in zip(events, tickets):
                 if t is not None and not t.cancelled:
-                    t.on_event(ev.token_id, ev.done, ev.reason, None)
+                    if ev.error is not None:  # this row alone failed (e.g. NaN scores)
+                        log.warning("request failed: %s", ev.error)
+                        t.on_event(None, True, None, f"generation failed: {ev.error}")
+                    else:
+                        t.on_event(ev.token_id, ev.done, ev.reason, None)
 
     def _admit(self, joining: list[Ticket]) -> list[tuple[Ticket, Any]]:
         """Prefill the newcomers into the batch. If that fails (the batch is untouched then),

@@ -48,6 +48,7 @@ class ServeConfig:
     max_batch: int = 32  # rows decoded together
     cache_bytes: int = 4 << 30  # cartridges kept in memory (LRU)
     shutdown_timeout: float = 120.0  # seconds in-flight requests get after SIGTERM
+    request_timeout: float = 30.0  # seconds a client gets to send a request's headers, then its body
     engine: str = "transformers"
     dtype: str = "float32"
     device: str = "auto"
@@ -65,7 +66,7 @@ class ServeConfig:
         if self.api_key is not None:
             check_type("api_key", self.api_key, str)
             if not self.api_key:
-                raise CartError("--api-key must not be empty")
+                raise CartError("--api-key (or CART_API_KEY) must not be empty")
         for name in ("port", "max_tokens", "max_prompt_tokens", "max_body_bytes", "max_concurrent",
                      "max_batch", "cache_bytes"):
             check_type(name, getattr(self, name), int)
@@ -76,13 +77,15 @@ class ServeConfig:
                 raise CartError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.max_prompt_tokens < 0:
             raise CartError(f"--max-prompt-tokens must be >= 0, got {self.max_prompt_tokens}")
-        check_type("shutdown_timeout", self.shutdown_timeout, (int, float))
-        if self.shutdown_timeout <= 0:
-            raise CartError(f"--shutdown-timeout must be > 0, got {self.shutdown_timeout}")
+        for name in ("shutdown_timeout", "request_timeout"):
+            check_type(name, getattr(self, name), (int, float))
+            if getattr(self, name) <= 0:  # (check_type refuses nan and inf)
+                raise CartError(f"{flag(name)} must be > 0, got {getattr(self, name)}")
         check_runtime(self.engine, self.dtype)
 
     def public(self) -> dict[str, Any]:
-        """The resolved config, with the API key hidden (it is logged and shown on /health)."""
+        """The resolved config, with the API key hidden (it is logged and shown on /health
+        to clients that give the key)."""
         out = asdict(self)
         out["api_key"] = "(set)" if self.api_key else None
         return out
@@ -117,8 +120,9 @@ class TextStream:
             return self._send(len(self.text)), True
         safe = len(self.text.rstrip("\ufffd"))  # a multi-byte character still incomplete
         for s in self.stops:
+            head = self.text[:safe]
             for k in range(min(len(s) - 1, safe), 0, -1):
-                if self.text[:safe].endswith(s[:k]):
+                if head.endswith(s[:k]):
                     safe -= k
                     break
         return self._send(max(safe, self.sent)), False
@@ -304,7 +308,8 @@ def create_app(server: CartServer):
     from starlette.exceptions import HTTPException
 
     from cart.chat import render_cartridge_ids, render_ids
-    from cart.openai_api import ChatCompletionRequest, CompletionRequest, error_body
+    from cart.openai_api import (ChatCompletionRequest, CompletionRequest, error_body,
+                                 validation_error)
 
     cfg = server.cfg
 
@@ -323,18 +328,8 @@ def create_app(server: CartServer):
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
-        err = e.errors()[0]
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        # a union's branch name (str, list[...]) in the location says nothing to the user
-        loc = [p for p in loc if not (p in ("str", "int", "float", "bool") or "[" in p or p.startswith("function-"))]
-        param = ".".join(loc) or None
-        msg = err.get("msg", "invalid value").removeprefix("Value error, ")
-        if err.get("type") == "extra_forbidden":
-            msg = "unknown field (not supported by this server)"
-        elif err.get("type") == "json_invalid":
-            msg, param = "the body is not valid JSON", None
-        return JSONResponse(error_body(f"{param}: {msg}" if param else msg, param=param),
-                            status_code=400)
+        message, param = validation_error(e.errors())
+        return JSONResponse(error_body(message, param=param), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, e: HTTPException):
@@ -349,7 +344,10 @@ def create_app(server: CartServer):
                             status_code=500)
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        # without the key (when one is set): alive or not, and nothing about what is served
+        if not key_ok(cfg.api_key, request.scope):
+            return {"status": "ok"}
         running, waiting = server.scheduler.counts()
         st = server.scheduler.stats
         return {"status": "ok", "model": server.base, "running": running, "waiting": waiting,
@@ -469,63 +467,178 @@ def create_app(server: CartServer):
         prompts = [server.tokenizer(p).input_ids for p in body.prompts()]
         return await start("text", body, lambda kv_prefix: prompts, body.max_tokens)
 
-    return Guard(app, cfg.api_key, cfg.max_body_bytes)
+    return Guard(app, cfg.api_key, cfg.max_body_bytes, cfg.request_timeout)
+
+
+def key_ok(api_key: str | None, scope: dict) -> bool:
+    """Whether the request may pass: no key is set, or it gives ``Authorization: Bearer KEY``
+    (compared in constant time)."""
+    if not api_key:
+        return True
+    given = dict(scope.get("headers") or []).get(b"authorization", b"")
+    return hmac.compare_digest(given, b"Bearer " + api_key.encode())
 
 
 class Guard:
-    """ASGI middleware in front of the app: the Bearer API key on /v1, and the body-size cap
-    (read in full, up to the cap, before the app sees it)."""
+    """ASGI middleware in front of the app: the Bearer API key on /v1, the body-size cap and
+    the body's deadline (read in full before the app sees it), and the client's disconnect,
+    which cancels the request (its generation stops, streamed or not)."""
 
-    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int,
+                 request_timeout: float = 30.0):
         self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+        self.timeout = request_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if self.api_key and scope["path"].startswith("/v1"):
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, b"Bearer " + self.api_key.encode()):
-                return await _send_error(send, 401, "missing or invalid API key (Authorization: "
-                                                    "Bearer KEY)", code="invalid_api_key")
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        too_big = (413, f"request body over {self.max_body} bytes (--max-body-bytes)")
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            return await _send_error(send, *too_big, code="request_too_large")
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_body:
-                return await _send_error(send, *too_big, code="request_too_large")
-            if not message.get("more_body"):
-                break
-        replayed = False
+        if scope["path"].startswith("/v1") and not key_ok(self.api_key, scope):
+            return await _send_error(send, 401, "missing or invalid API key (Authorization: "
+                                                "Bearer KEY)", code="invalid_api_key")
+        body = await self._body(scope, receive, send)
+        if body is not None:
+            await _until_disconnect(self.app, scope, body, receive, send)
 
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
+    async def _body(self, scope, receive, send) -> bytes | None:
+        """The whole body, or None when the client left or was answered with an error."""
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = declared is not None and declared.isdigit() and int(declared) > self.max_body
+        body, late = bytearray(), False
+        try:
+            async with asyncio.timeout(self.timeout):  # a slow (or stalled) sender
+                while not too_big:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    body += message.get("body", b"")
+                    too_big = len(body) > self.max_body
+                    if not too_big and not message.get("more_body"):
+                        return bytes(body)
+        except TimeoutError:
+            late = True
+        if late:
+            await _send_error(send, 408, f"the request body did not arrive within "
+                                         f"{self.timeout:g} s (--request-timeout)",
+                              code="request_timeout", close=True)
+        else:
+            await _send_error(send, 413, f"request body over {self.max_body} bytes "
+                                         f"(--max-body-bytes)", code="request_too_large")
+        return None
 
-        return await self.app(scope, replay, send)
+
+async def _until_disconnect(app: Any, scope: dict, body: bytes, receive, send) -> None:
+    """Run ``app`` on a request whose ``body`` was read; if the client goes away before the
+    response is complete, cancel it. Starlette notices a disconnect only while it streams: a
+    non-streamed request would go on generating for nobody and hold its place in
+    --max-concurrent (the cancelled request's tickets are cancelled on its way out)."""
+    gone = asyncio.Event()
+    complete = False
+    replayed = False
+
+    async def replay():
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def sending(message):
+        nonlocal complete
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            complete = True
+        await send(message)
+
+    async def watch():
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+        if not complete:
+            task.cancel()
+
+    task = asyncio.ensure_future(app(scope, replay, sending))
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not gone.is_set() or asyncio.current_task().cancelling():
+            raise  # cancelled from outside (shutdown), not by the client leaving
+    finally:
+        watcher.cancel()
 
 
-async def _send_error(send, status: int, message: str, code: str | None = None):
+async def _send_error(send, status: int, message: str, code: str | None = None,
+                      close: bool = False):
     import orjson
 
     from cart.openai_api import error_body
 
     data = orjson.dumps(error_body(message, "invalid_request_error", None, code))
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(data)).encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    if close:  # the rest of the request may still come: this connection is done
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})
+
+
+def _timed_protocol(timeout: float) -> type:
+    """uvicorn's HTTP protocol, closing a connection that has not sent a whole request line
+    and headers within ``timeout`` seconds of opening, or of its previous response. uvicorn
+    waits for them forever: idle and half-sent connections would pile up (slowloris)."""
+    from uvicorn.config import HTTP_PROTOCOLS
+    from uvicorn.importer import import_from_string
+
+    base = import_from_string(HTTP_PROTOCOLS["auto"])
+
+    class TimedProtocol(base):
+        _timer = None
+        _partial = False
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data):
+            self._partial = True
+            super().data_received(data)
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc):
+            if self._timer is not None:
+                self._timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._partial = False
+            waiting_for = self.cycle  # a new request replaces it once its headers are in
+            self._timer = self.loop.call_later(timeout, self._expire, waiting_for)
+
+        def _expire(self, waiting_for):
+            self._timer = None
+            if (self.cycle is not waiting_for or self.transport.is_closing()
+                    or (self.cycle is not None and not self.cycle.response_complete)):
+                return  # a request came (or one is still being answered)
+            if self._partial:  # a request was begun: say why it ends (an idle one just closes)
+                self.transport.write(_timeout_response(timeout))
+            self.transport.close()
+
+    return TimedProtocol
+
+
+def _timeout_response(timeout: float) -> bytes:
+    import orjson
+
+    from cart.openai_api import error_body
+
+    data = orjson.dumps(error_body(f"the request headers did not arrive within {timeout:g} s "
+                                   f"(--request-timeout)", code="request_timeout"))
+    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(data)) + data
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -568,6 +681,7 @@ def serve(cfg: ServeConfig, model: str | None, quiet: bool = False, console: Any
                 len(names), cfg.cartridges, ", API key required" if cfg.api_key else "")
     log.info("config %s", {k: v for k, v in cfg.public().items()})
     config = uvicorn.Config(create_app(server), log_level="warning" if quiet else "info",
+                            http=_timed_protocol(cfg.request_timeout),
                             timeout_graceful_shutdown=cfg.shutdown_timeout, lifespan="on",
                             access_log=not quiet, log_config=_stderr_log_config())
     try:

@@ -3,11 +3,14 @@
 A cartridge's name is its file name without ``.safetensors``. Names come from requests, so a
 name must match a pattern with no separators (and no leading dot) before it is joined to the
 directory, and the file it names must resolve to a regular file directly inside the directory:
-no ``..``, no symlink leaving it. A request's lookup costs one stat, not a directory listing. Files are loaded on first use and kept
+no ``..``, no symlink leaving it. A symlink to a file of the directory is served under its
+own name too (an alias); one leading out of it, or to nothing, is rejected with a warning. A
+request's lookup costs one stat, not a directory listing. Files are loaded on first use and kept
 in memory, least recently used first, within a bound on their total bytes; a file that changed
-on disk (size or mtime) is reloaded, and new files are seen on the next listing -- no restart.
-A corrupt file, or one trained for another model, is rejected with a logged reason and never
-takes the server down.
+on disk (size or mtime) is reloaded, new files are seen on the next listing, and deleted ones
+leave the listing and the memory then -- no restart. A corrupt file (a crafted header
+included), or one trained for another model, is rejected with a logged reason and never takes
+the server down.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -79,6 +83,9 @@ class CartridgeStore:
                 out.append(self.entry(name))
             except UnknownCartridge:
                 continue
+        with self._lock:  # and what was deleted since it was loaded leaves memory
+            for name in set(self._loaded) - {e.name for e in out}:
+                del self._loaded[name]
         return out
 
     def names(self) -> list[str]:
@@ -104,6 +111,7 @@ class CartridgeStore:
         if st is None:
             with self._lock:
                 self._loaded.pop(name, None)
+            self._refuse_link(name)
             raise UnknownCartridge(f"no cartridge named {name!r}")
         stamp = (st.st_size, st.st_mtime_ns)
         with self._lock:
@@ -121,26 +129,68 @@ class CartridgeStore:
                 raise CartError(f"cannot read it ({e.strerror})") from None
             cart = Cartridge.from_bytes(data, path.name, self.identity)
         except CartError as e:
-            reason = str(e)
-            with self._lock:
-                self._loaded.pop(name, None)
-                self._rejected[name] = (stamp, reason)
-            log.warning("rejected cartridge %s: %s", name, reason)
-            raise UnknownCartridge(f"cartridge {name!r} is unusable: {reason}") from None
+            self._reject(name, stamp, str(e))
+        except Exception as e:  # a file crafted past the format checks: still only that file
+            self._reject(name, stamp, f"cannot be read as a cartridge ({type(e).__name__}: {e})")
         nbytes = cart.kv_bytes()
         entry = Entry(name, cart, nbytes, stamp, hashlib.sha256(data).hexdigest())
         with self._lock:
             self._rejected.pop(name, None)
             self._loaded[name] = entry
             self._loaded.move_to_end(name)
-            while len(self._loaded) > 1 and self.loaded_bytes() > self.max_bytes:
+            while len(self._loaded) > 1 and self._bytes() > self.max_bytes:
                 evicted, _ = self._loaded.popitem(last=False)
                 log.info("evicted cartridge %s from memory (LRU)", evicted)
         log.info("loaded cartridge %s (%d tokens, %d bytes)", name, cart.num_tokens, nbytes)
         return entry
 
+    def _reject(self, name: str, stamp: tuple[int, int], reason: str):
+        """Remember (until the file changes), log once and raise why ``name`` is not served."""
+        with self._lock:
+            self._loaded.pop(name, None)
+            known = self._rejected.get(name)
+            self._rejected[name] = (stamp, reason)
+        if known != (stamp, reason):
+            log.warning("rejected cartridge %s: %s", name, reason)
+        raise UnknownCartridge(f"cartridge {name!r} is unusable: {reason}") from None
+
+    def _refuse_link(self, name: Any) -> None:
+        """If ``name`` is a symlink that leads out of the directory (or to nothing), reject it
+        with a reason; a plain missing name just is not there."""
+        if not isinstance(name, str) or not _NAME.match(name):
+            return
+        try:
+            st = (self.directory / (name + SUFFIX)).lstat()
+        except OSError:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            self._reject(name, (st.st_size, st.st_mtime_ns), "a symbolic link that does not lead "
+                         "to a file in the cartridge directory (links out of it are not served)")
+
+    def _prune(self) -> None:
+        """Drop from memory the cartridges whose file is gone or changed since they were
+        loaded (so /health does not show a deleted one until a request names it)."""
+        with self._lock:
+            loaded = list(self._loaded.items())
+        for name, entry in loaded:
+            path = self._file(name)
+            try:
+                st = path.stat() if path is not None else None
+            except OSError:
+                st = None
+            if st is None or (st.st_size, st.st_mtime_ns) != entry.stamp:
+                with self._lock:
+                    if self._loaded.get(name) is entry:
+                        del self._loaded[name]
+
     def loaded_bytes(self) -> int:
+        self._prune()
+        return self._bytes()
+
+    def _bytes(self) -> int:
         return sum(e.nbytes for e in self._loaded.values())
 
     def loaded_names(self) -> list[str]:
-        return list(self._loaded)
+        self._prune()
+        with self._lock:
+            return list(self._loaded)

@@ -16,6 +16,7 @@ incomplete batch, so sharded, resumed and uninterrupted runs write the same reco
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -27,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from cart.chat import SYSTEM_TEMPLATE, render_cartridge_ids, render_ids, shared_prefix_len
-from cart.config import check_type
-from cart.io import (CartError, Console, check_output_path, dumps, intact_records, parse_jsonl,
-                     read_jsonl, schema_id, sha256_hex)
+from cart.config import MAX_BATCH, MAX_COUNT, check_at_most, check_type
+from cart.io import (CartError, Console, atomic_output, check_output_path, dumps, intact_records,
+                     output_destination, parse_jsonl, read_jsonl, require, schema_id, sha256_hex)
 
 
 
@@ -69,6 +70,8 @@ class SynthConfig:
             if getattr(self, name) < low:
                 flag = "-n/--num-convos" if name == "num_convos" else "--" + name.replace("_", "-")
                 raise CartError(f"{flag} must be at least {low}, got {getattr(self, name)}")
+        check_at_most("-n/--num-convos", self.num_convos, MAX_COUNT)
+        check_at_most("--batch-size", self.batch_size, MAX_BATCH)
         for name in ("temperature_a", "temperature_b"):
             if getattr(self, name) < 0:
                 raise CartError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -124,16 +127,48 @@ def load_chunks(inputs: Sequence[str], cfg: SynthConfig, model: str | None, cons
     chunks = []
     for source in jsonl:
         for line in _chunk_lines(source, stdin_bytes):
-            r = line.record
-            for field, types in (("id", str), ("text", str)):
-                if not isinstance(r.get(field), types):
-                    raise CartError(f"{line.where}: missing or invalid field '{field}'")
-            if not r["text"].strip():
-                raise CartError(f"{line.where}: empty chunk text")
-            chunks.append(r)
+            check_chunk(line.record, line.where)
+            chunks.append(line.record)
     if not chunks:
         raise CartError(f"{', '.join(jsonl)}: no chunks")
     return chunks, None
+
+
+# The fields of a chunk record that synth reads beyond id and text: each may be missing or
+# null (hand-made chunk files), but when present it must have its type, or using it later
+# would fail far from the line at fault.
+_CHUNK_FIELDS = (("n_tokens", int), ("start", int), ("end", int), ("description", str),
+                 ("corpus", dict), ("tokenizer", dict), ("sources", list))
+
+
+def check_chunk(r: dict[str, Any], where: str) -> None:
+    """Refuse a chunk record whose fields synth uses have the wrong type, naming the field."""
+    for field, types in (("id", str), ("text", str)):
+        if not isinstance(r.get(field), types):
+            raise CartError(f"{where}: missing or invalid field '{field}'")
+    if not r["text"].strip():
+        raise CartError(f"{where}: empty chunk text")
+    for field, types in _CHUNK_FIELDS:
+        if r.get(field) is not None:
+            require(r, field, types, where)
+    tokenizer = r.get("tokenizer") or {}
+    if tokenizer.get("hash") is not None:
+        require(tokenizer, "hash", str, f"{where}: tokenizer")
+    for i, s in enumerate(r.get("sources") or []):
+        if not isinstance(s, dict):
+            raise CartError(f"{where}: sources[{i}] must be an object, got {type(s).__name__}")
+        if s.get("path") is not None:
+            require(s, "path", str, f"{where}: sources[{i}]")
+
+
+def chunk_paths(chunk: dict[str, Any]) -> list[str]:
+    """The paths of a chunk's sources (those that name one)."""
+    return [s["path"] for s in chunk.get("sources") or [] if s.get("path") is not None]
+
+
+def chunk_tokenizer_hashes(chunks: list[dict[str, Any]]) -> set[str]:
+    """The tokenizers the chunks were cut with (their hashes), where the records say."""
+    return {(c.get("tokenizer") or {}).get("hash") for c in chunks} - {None}
 
 
 def corpus_head(chunks: list[dict[str, Any]], head_ids: list[int] | None, tokenizer
@@ -184,8 +219,9 @@ def plan(chunks: list[dict[str, Any]], cfg: SynthConfig, seeds) -> list[Planned]
         epoch += 1
     out = []
     for i in range(cfg.num_convos):
-        seed_type, seed_text = seeds.sample(random.Random(f"{cfg.seed}:{i}"))
-        out.append(Planned(i, chunks[order[i]], seed_type, seed_text))
+        chunk = chunks[order[i]]
+        seed_type, seed_text = seeds.sample(random.Random(f"{cfg.seed}:{i}"), chunk["text"])
+        out.append(Planned(i, chunk, seed_type, seed_text))
     return out
 
 
@@ -278,7 +314,7 @@ def synthesize_batch(engine, batch: list[Planned], cfg: SynthConfig, batch_index
             "index": p.index,
             "run": run,
             "chunk": {"id": p.chunk["id"], "n_tokens": p.chunk.get("n_tokens"),
-                      "paths": [s["path"] for s in p.chunk.get("sources", [])]},
+                      "paths": chunk_paths(p.chunk)},
             "seed_prompt": {"type": p.seed_type, "text": p.seed_text},
             "messages": messages,
             "token_ids": ids,
@@ -336,6 +372,8 @@ def read_done(partial: Path, run: str, batches: list[list[Planned]]) -> tuple[in
     another run. Lines past the last whole batch (a kill mid-write) are dropped on resume."""
     n_batches, pos_in_batch, good_end = 0, 0, 0
     for record, offset in intact_records(partial.read_bytes()):
+        if not isinstance(record, dict):  # not a line synth writes: redo from here
+            break
         if record.get("run") != run:
             raise CartError(f"{partial}: holds conversations of another run (different settings, "
                             "chunks or model); delete it to start over")
@@ -368,7 +406,10 @@ def synthesize(inputs: Sequence[str], cfg: SynthConfig, model: str | None, outpu
     chunks, head_ids = load_chunks(inputs, cfg, model, console)
     engine = get_engine(cfg.engine, model, dtype=cfg.dtype, device=resolve_device(cfg.device),
                         console=console, top_k=cfg.top_k)
-    tok_hashes = {c.get("tokenizer", {}).get("hash") for c in chunks} - {None}
+    vocab = len(engine.tokenizer)
+    if cfg.top_k > vocab:  # more candidates than tokens: the engine's top-k would fail
+        raise CartError(f"--top-k {cfg.top_k} is more than the model's vocabulary ({vocab} tokens)")
+    tok_hashes = chunk_tokenizer_hashes(chunks)
     if tok_hashes and tok_hashes != {engine.identity.tokenizer_hash}:
         console.warn("the chunks were cut with another tokenizer than the model's; their token "
                      "counts are approximate for this model")
@@ -384,7 +425,10 @@ def synthesize(inputs: Sequence[str], cfg: SynthConfig, model: str | None, outpu
     }
     head = corpus_head(chunks, head_ids, engine.tokenizer)
     batches = batches_of(planned, cfg.batch_size, shard)
-    out_path = None if output in (None, "-") else Path(output)
+    # A file is built as FILE.partial, which a rerun resumes; stdout, or a pipe or device
+    # (-o >(...)), takes the conversations as they come.
+    out_path = None if output in (None, "-") or not output_destination(output)[1] else Path(output)
+    live = contextlib.ExitStack()
     if out_path is not None:
         check_output_path(out_path)
         partial = out_path.with_name(out_path.name + ".partial")
@@ -398,7 +442,7 @@ def synthesize(inputs: Sequence[str], cfg: SynthConfig, model: str | None, outpu
         sink.truncate(end)
         sink.seek(end)
     else:
-        done, sink = 0, sys.stdout.buffer
+        done, sink = 0, live.enter_context(atomic_output(output))
     total = sum(len(b) for b in batches)
     written = sum(len(b) for b in batches[:done])
     started, tokens = time.perf_counter(), 0
@@ -422,6 +466,7 @@ def synthesize(inputs: Sequence[str], cfg: SynthConfig, model: str | None, outpu
     finally:
         if out_path is not None:
             sink.close()
+        live.close()
     if out_path is not None:
         os.replace(partial, out_path)
     elapsed = time.perf_counter() - started

@@ -157,6 +157,7 @@ def test_damaged_files_are_refused_in_one_line(run_cart, cart_file, damage, expe
         _rewrite_header(cart_file, lambda h: h["__metadata__"].pop("tokenizer_hash"))
     elif damage == "missing_tensor":
         def drop(h):
+            h["__metadata__"].pop("tensor_sha256")  # as an older file: the data is re-packed
             entry = h.pop("trainable.1.values")
             start, end = entry["data_offsets"]
             for v in h.values():  # the data it pointed at becomes unaccounted for: re-pack
@@ -189,3 +190,114 @@ def test_loading_never_uses_pickle(cart_file, monkeypatch):
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     assert Cartridge.load(cart_file).num_tokens == 12
+
+
+# -- crafted headers, checksums and non-finite values (issue 15, items 4 and 5) ---------------
+def _set_metadata(value):
+    def mutate(h):
+        h["__metadata__"] = value(h["__metadata__"])
+    return mutate
+
+
+def _set_entry(field, value):
+    def mutate(h):
+        h["frozen.0.keys"][field] = value
+    return mutate
+
+
+def _deep(path):
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    raw = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+_HEADER = "corrupt cartridge file (safetensors header: "
+
+
+@pytest.mark.parametrize("craft, expected", [
+    (_set_metadata(lambda md: list(md.items())), _HEADER + "__metadata__ must map strings to strings)"),
+    (_set_metadata(lambda md: "abc"), _HEADER + "__metadata__ must map strings to strings)"),
+    (_set_metadata(lambda md: {**md, "format": 2}), _HEADER + "__metadata__ must map strings to strings)"),
+    (_set_entry("data_offsets", 5), _HEADER + "tensor 'frozen.0.keys': data_offsets must be two "
+                                              "integers [begin, end], 0 <= begin <= end)"),
+    (_set_entry("data_offsets", [0, 10**12]), _HEADER + "tensor 'frozen.0.keys': data_offsets span "
+                                                        "1000000000000 bytes, its shape and dtype need 128)"),
+    (_set_entry("dtype", "I64"), _HEADER + "tensor 'frozen.0.keys' has dtype 'I64', not one of F32, BF16, F16)"),
+    (_set_entry("shape", [2, "1", 16]), _HEADER + "tensor 'frozen.0.keys': shape must be a list of "
+                                                  "non-negative integers)"),
+    (_set_metadata(lambda md: {**md, "dtype": "int64"}),
+     "corrupt cartridge metadata (dtype 'int64' is not one of float32, bfloat16, float16)"),
+    (_set_metadata(lambda md: {**md, "num_layers": "1"}),
+     "corrupt cartridge file (unexpected tensor frozen.1.keys; the metadata says num_layers=1)"),
+    (_deep, "not a cartridge file (corrupt safetensors header)"),
+], ids=["metadata-list", "metadata-string", "int-format", "int-offsets", "offsets-beyond-file",
+        "dtype", "shape", "metadata-dtype", "metadata-layers", "deep-nesting"])
+def test_crafted_headers_are_refused_in_one_line(run_cart, cart_file, craft, expected):
+    if craft is _deep:
+        _deep(cart_file)
+    else:
+        _rewrite_header(cart_file, craft)
+    assert one_line_error(run_cart("info", cart_file)) == f"cart: error: {cart_file}: {expected}"
+
+
+def test_a_crafted_header_is_one_line_in_every_stage(run_cart, cart_file, tiny_model, tmp_path):
+    """compose, eval and distill --init read cartridges through the same checks as info."""
+    _rewrite_header(cart_file, _set_metadata(lambda md: list(md.items())))
+    expected = f"cart: error: {cart_file}: {_HEADER}__metadata__ must map strings to strings)"
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"id": "q1", "question": "Who?", "answers": ["Ada"]}\n')
+    out = tmp_path / "out.safetensors"
+    for args in (["compose", cart_file, cart_file, "-o", out],
+                 ["eval", questions, "-m", tiny_model, "-c", cart_file],
+                 ["distill", questions, "-m", tiny_model, "--init", cart_file, "-o", out]):
+        assert one_line_error(run_cart(*args)) == expected, args
+    assert not out.exists()
+
+
+def test_a_flipped_bit_in_a_tensor_is_refused(run_cart, cart_file):
+    data = bytearray(cart_file.read_bytes())
+    data[-5] ^= 0x04  # inside the last tensor: still a well-formed file
+    cart_file.write_bytes(bytes(data))
+    assert one_line_error(run_cart("info", cart_file)) == (
+        f"cart: error: {cart_file}: corrupt cartridge file (the tensor data does not match the "
+        "checksum in its metadata: damaged or edited)")
+
+
+def test_the_checksum_covers_the_tensor_data_and_older_files_load(tiny, tmp_path):
+    import hashlib
+
+    path = tmp_path / "c.safetensors"
+    cart = make_cartridge(tiny)
+    cart.save(path)
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    assert read_metadata(path)["tensor_sha256"] == hashlib.sha256(data[8 + n:]).hexdigest()
+    again = Cartridge.load(path)
+    again.save(path)  # the loaded checksum is recomputed, not copied
+    assert read_metadata(path)["tensor_sha256"] == hashlib.sha256(data[8 + n:]).hexdigest()
+    _rewrite_header(path, lambda h: h["__metadata__"].pop("tensor_sha256"))  # an older file
+    assert torch.equal(Cartridge.load(path).keys[0], cart.keys[0])
+
+
+def test_a_non_finite_cartridge_is_never_written_nor_loaded(tiny, tmp_path):
+    path = tmp_path / "c.safetensors"
+    path.write_bytes(b"precious")
+    cart = make_cartridge(tiny)
+    cart.keys[1] = cart.keys[1].clone()
+    cart.keys[1][0, 0, 0] = float("nan")
+    with pytest.raises(CartError) as e:
+        cart.save(path)
+    assert str(e.value) == (f"{path}: not written: tensor trainable.1.keys of the cartridge holds "
+                            "NaN or infinite values")
+    assert path.read_bytes() == b"precious"
+    # a file written before this check (no checksum): refused when read
+    from safetensors.torch import save
+
+    from cart.cartridge import encode_metadata
+
+    path.write_bytes(save(cart.tensors(), metadata=encode_metadata(cart.full_metadata())))
+    with pytest.raises(CartError) as e:
+        Cartridge.load(path)
+    assert str(e.value) == (f"{path}: corrupt cartridge file (tensor trainable.1.keys holds NaN or "
+                            "infinite values)")

@@ -2,6 +2,7 @@
 
 import hashlib
 
+import orjson
 import pytest
 import torch
 from conftest import one_line_error
@@ -120,3 +121,34 @@ def test_compose_refusals(tmp_path, tiny, other_tiny_model, run_cart):
     (tmp_path / "keep.safetensors").write_bytes(b"old")
     one_line_error(run_cart("compose", a, tmp_path / "bf16.safetensors", "-o", tmp_path / "keep.safetensors"))
     assert (tmp_path / "keep.safetensors").read_bytes() == b"old"
+
+
+def test_info_and_compose_read_stdin(tmp_path, tiny, run_cart):
+    """`cart info -` and `cart compose -` read stdin like every other stage (issue 15, item 11)."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    make(tiny, 0, 6, a)
+    make(tiny, 8, 5, b)
+    proc = run_cart("info", "-", "--json", input=a.read_bytes())
+    assert proc.returncode == 0, proc.stderr.decode()
+    info = orjson.loads(proc.stdout)
+    assert info["file"] == "<stdin>" and info["file_bytes"] == a.stat().st_size
+    assert info["metadata"]["p"] == 6
+    proc = run_cart("info", "-", input=a.read_bytes())
+    assert proc.stdout.startswith(b"file ") and b"<stdin>" in proc.stdout.splitlines()[0]
+    # stdin as one of the parts, in place
+    proc = run_cart("compose", a, "-", input=b.read_bytes())
+    assert proc.returncode == 0, proc.stderr.decode()
+    ab = Cartridge.from_bytes(proc.stdout)
+    assert ab.num_tokens == 6 + 4
+    assert [p["file"] for p in ab.metadata["parts"]] == [str(a), "<stdin>"]
+    assert ab.metadata["parts"][1]["sha256"] == hashlib.sha256(b.read_bytes()).hexdigest()
+    # stdin twice, and bad bytes on stdin: one line each
+    assert one_line_error(run_cart("compose", "-", "-", input=a.read_bytes())) == (
+        "cart: error: - (stdin) is given more than once; it can be read only once")
+    assert one_line_error(run_cart("info", "-", input=b"")) == (
+        "cart: error: <stdin>: not a cartridge file (empty or truncated)")
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"keep")
+    assert one_line_error(run_cart("compose", a, "-", "-o", out, input=b"junk")).startswith(
+        "cart: error: <stdin>: not a cartridge file")
+    assert out.read_bytes() == b"keep"

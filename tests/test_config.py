@@ -54,3 +54,41 @@ def test_missing_and_invalid_config_files(tmp_path):
     bad.write_text("[chunk\n")
     with pytest.raises(CartError, match=r"bad.toml: invalid config file"):
         resolve(ChunkConfig, bad, "chunk")
+
+
+@pytest.mark.parametrize("name, text", [
+    ("cart.toml", "[chunk]\nmin_tokens = 8\n[eval]\ntemperature = nan\n"),
+    ("cart.toml", "temperature = -inf\n"),
+    ("cart.json", '{"temperature": Infinity}'),
+    ("cart.json", '{"eval": {"temperature": NaN}}'),
+])
+def test_config_files_refuse_non_finite_numbers(tmp_path, name, text):
+    from cart.eval import EvalConfig
+
+    cfg_file = tmp_path / name
+    cfg_file.write_text(text)
+    with pytest.raises(CartError, match=rf"^{cfg_file}: setting 'temperature' must be a finite "
+                                        r"number, got -?(nan|inf)$"):
+        resolve(EvalConfig, cfg_file, "eval")
+
+
+def test_flags_and_fields_refuse_non_finite_numbers():
+    from cart.eval import EvalConfig
+
+    with pytest.raises(CartError, match=r"^--temperature must be a finite number, got nan$"):
+        resolve(EvalConfig, None, "eval", temperature=float("nan"))
+    with pytest.raises(CartError, match=r"^--temperature must be a finite number, got inf$"):
+        EvalConfig(temperature=float("inf"))  # built directly, past resolve
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_chunks": 1_000_001}, "-n/--num-chunks must be at most 1000000, got 1000001"),
+    ({"num_chunks": 1_000_000}, None),
+])
+def test_counts_are_bounded(kwargs, message):
+    if message is None:
+        ChunkConfig(**kwargs)
+        return
+    with pytest.raises(CartError) as e:
+        ChunkConfig(**kwargs)
+    assert str(e.value) == message

@@ -494,3 +494,113 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny, convos, cart_home):
     print(f"2 processes vs 1 (grad-accum 2), 5 Adam steps: max |difference| {worst:.2e}")
     assert worst < 1e-5, worst
     assert a.metadata["loss"] == pytest.approx(b.metadata["loss"], rel=1e-5)
+
+
+# -- teacher targets that could make a NaN cartridge (issue 15, items 4 and 8) --------------------
+def test_vanishing_teacher_candidates_train_a_finite_cartridge(tmp_path, tiny, run_cart):
+    """All candidates of a position at log-prob -1000 (exp() underflows to 0): renormalised in
+    log space, not 0/0, so training stays finite."""
+    model_dir, tok, identity, head = tiny
+    r = convo_record(tok, identity, FACT_Q, FACT_A, 0, head=head)
+    r["targets"]["ids"][1] = [r["targets"]["ids"][1][0], 5]
+    r["targets"]["logprobs"][1] = [-1000.0, -1000.0]
+    path = write_convos(tmp_path / "c.jsonl", [r])
+    out = tmp_path / "c.safetensors"
+    proc = run_cart("distill", path, "-m", model_dir, "-p", 6, "-o", out)
+    assert proc.returncode == 0, proc.stderr.decode()
+    cart = load(out)
+    assert all(torch.isfinite(t).all() for t in cart.tensors().values())
+    assert cart.metadata["loss"] == cart.metadata["loss"]  # recorded, and not NaN
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("ids", ["5"], "targets.ids[1] must hold token ids (non-negative integers), got '5'"),
+    ("ids", [-3], "targets.ids[1] must hold token ids (non-negative integers), got -3"),
+    ("ids", [True], "targets.ids[1] must hold token ids (non-negative integers), got True"),
+    ("ids", [1.0], "targets.ids[1] must hold token ids (non-negative integers), got 1.0"),
+    ("logprobs", [float("-inf")], "targets.logprobs[1] must hold finite log-probabilities (<= 0)"),
+    ("logprobs", [float("nan")], "targets.logprobs[1] must hold finite log-probabilities (<= 0)"),
+    ("logprobs", ["-1"], "targets.logprobs[1] must hold finite log-probabilities (<= 0)"),
+    ("positions", True, "targets.positions[1] = True is outside 1..{last}"),
+])
+def test_bad_teacher_targets_are_refused_on_load(tiny, field, value, message):
+    """(JSON files cannot hold NaN or infinities -- orjson refuses them -- but other writers'
+    records reach the same check.)"""
+    from cart.distill import _parse_convo
+    from cart.io import CartError
+
+    model_dir, tok, identity, head = tiny
+    r = convo_record(tok, identity, FACT_Q, FACT_A, 0, head=head)
+    r["targets"][field][1] = value
+    with pytest.raises(CartError) as e:
+        _parse_convo(r, "c.jsonl:1")
+    assert str(e.value) == "c.jsonl:1: " + message.format(last=len(r["token_ids"]) - 1)
+
+
+@pytest.mark.parametrize("where, message", [
+    ("ids", "{path}:1: targets.ids[2] holds token id 1000000, outside the model's vocabulary ({vocab})"),
+    ("ids-string", "{path}:1: targets.ids[2] must hold token ids (non-negative integers), got '7'"),
+    ("token_ids", "{path}:1: token_ids holds token id 1000000, outside the model's vocabulary ({vocab})"),
+])
+def test_bad_candidate_ids_are_one_line_errors(tmp_path, tiny, run_cart, where, message):
+    model_dir, tok, identity, head = tiny
+    r = convo_record(tok, identity, FACT_Q, FACT_A, 0, head=head)
+    if where == "ids":
+        r["targets"]["ids"][2] = [1_000_000]
+    elif where == "ids-string":
+        r["targets"]["ids"][2] = ["7"]
+    else:
+        r["token_ids"][0] = 1_000_000
+    path = write_convos(tmp_path / "c.jsonl", [r])
+    out = tmp_path / "keep.safetensors"
+    out.write_bytes(b"precious")
+    err = one_line_error(run_cart("distill", path, "-m", model_dir, "-p", 6, "-o", out))
+    from cart.models import load_config, resolve_model
+
+    vocab = load_config(resolve_model(str(model_dir))).vocab_size
+    assert err == "cart: error: " + message.format(path=path, vocab=vocab)
+    assert out.read_bytes() == b"precious"
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_the_record(tmp_path, tiny, convos, run_cart):
+    """A cartridge whose values overflow the model (finite, but 3e38) makes the loss NaN: the
+    run stops at that step, naming it and a record, and writes nothing."""
+    from cart.kvcache import cartridge_from_tokens
+    from cart.models import load_model, resolve_model
+
+    model_dir, tok, identity, head = tiny
+    model = load_model(resolve_model(str(model_dir)))
+    md = {"base_model": identity.model_id, "model_config_hash": identity.config_hash,
+          "tokenizer_hash": identity.tokenizer_hash}
+    init = cartridge_from_tokens(model, torch.tensor(head[:6]), metadata=md)
+    init.keys = [torch.full_like(k, 3e38) for k in init.keys]
+    init.values = [torch.full_like(v, 3e38) for v in init.values]
+    init.save(tmp_path / "huge.safetensors")
+    out = tmp_path / "keep.safetensors"
+    out.write_bytes(b"precious")
+    err = one_line_error(run_cart("distill", convos, "-m", model_dir, "--init",
+                                  tmp_path / "huge.safetensors", "--steps", 2, "-o", out))
+    assert err.startswith(f"cart: error: step 1: the loss is not finite on every conversation of "
+                          f"the step (the first: {convos}:")
+    assert err.endswith("the cartridge's values are out of range (training diverged? lower --lr); "
+                        "no cartridge written")
+    assert out.read_bytes() == b"precious" and not (tmp_path / "keep.safetensors.ckpt").exists()
+
+
+def test_a_non_finite_loss_names_the_conversation_at_fault(tiny, convos):
+    from cart.distill import non_finite_loss
+
+    model, tok, data, module = trainable(tiny, convos, 6)
+    real = module.forward
+
+    def forward(batch, scale):  # conversation 3 alone gives NaN
+        loss, l_sum, k_sum = real(batch, scale)
+        if batch.input_ids.shape[1] == len(data.convos[3].token_ids) and torch.equal(
+                batch.input_ids[0], torch.tensor(data.convos[3].token_ids)):
+            return loss, float("nan"), k_sum
+        return loss, l_sum, k_sum
+
+    module.forward = forward
+    err = non_finite_loss(7, [[1, 3], [4]], data.convos, module, 6, 0, "cpu")
+    assert str(err) == (f"step 7: the loss is not finite on conversation {convos}:4 "
+                        "(convo-test-000003); no cartridge written")

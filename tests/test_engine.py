@@ -261,3 +261,122 @@ def test_scheduler_streams_tokens_and_isolates_a_failing_request(engine):
     with pytest.raises(Overloaded) as e:
         scheduler.submit(good[1], 0, sink(2))
     assert e.value.status == 503
+
+
+# -- sampling that no request can break (issue 15, item 1) ---------------------------------------
+TINY_TEMPERATURES = [1e-40, 5e-324, 1e-300, 1e-30]
+
+
+def test_tiny_temperatures_give_the_greedy_answer(engine):
+    """softmax(logits / 1e-40) was NaN (inf / inf): the draw raised 'probability tensor
+    contains either inf, nan or element < 0'. A tiny T is now the greedy choice."""
+    p = prompts(engine)[0]
+    (greedy,) = engine.generate([GenerationRequest(p, 10, 0.0, ignore_eos=True)], seed=0)
+    for t in TINY_TEMPERATURES:
+        (got,) = engine.generate([GenerationRequest(p, 10, t, ignore_eos=True)], seed=0)
+        assert got.token_ids == greedy.token_ids, t
+
+
+def test_eval_with_a_tiny_temperature_is_not_an_internal_error(run_cart, tiny_model, tmp_path):
+    """`cart eval --temperature 1e-40` exited 70 (the NaN draw); it now answers greedily."""
+    import json
+
+    qs = tmp_path / "q.jsonl"
+    qs.write_text(json.dumps({"schema": "cart.questions/1", "id": "q1", "question": "Who founded it?",
+                              "answers": ["Ilsa Voss"]}) + "\n")
+    outs = {}
+    for t in ("0", "1e-40"):
+        proc = run_cart("eval", qs, "-m", tiny_model, "--no-context", "--temperature", t,
+                        "--max-new-tokens", "6")
+        assert proc.returncode == 0, proc.stderr.decode()
+        outs[t] = [json.loads(line)["prediction"] for line in proc.stdout.splitlines()]
+    assert outs["1e-40"] == outs["0"]
+
+
+def test_sample_token_never_fails_on_finite_scores():
+    """Property: any temperature in (0, 2], subnormal ones included, and scores with -inf
+    entries (masked tokens) and ties: a token of maximal score at tiny T, a token of finite
+    score always, and no exception."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from cart.engines.base import finite_rows, sample_token
+
+    scores = st.lists(st.one_of(st.floats(-1e4, 1e4, width=32), st.just(float("-inf"))),
+                      min_size=1, max_size=16).filter(lambda xs: max(xs) > float("-inf"))
+    temps = st.one_of(st.floats(min_value=0.0, max_value=2.0, exclude_min=True, allow_subnormal=True),
+                      st.sampled_from(TINY_TEMPERATURES))
+
+    @settings(max_examples=2000, deadline=None)
+    @given(scores, temps, st.integers(0, 2**32))
+    def check(xs, t, seed):
+        logits = torch.tensor(xs, dtype=torch.float32)
+        assert finite_rows(logits.unsqueeze(0)) == [True]
+        token = sample_token(logits, t, torch.Generator().manual_seed(seed))
+        assert 0 <= token < len(xs) and xs[token] > float("-inf")
+        if t < 1e-30:
+            assert logits[token] == logits.max()
+
+    check()
+
+
+def nan_prefix(engine, tokens):
+    """A KV prefix (a cartridge) whose values hold NaN, as a broken distillation once wrote."""
+    from cart.engines.base import KVPrefix
+    from cart.kvcache import prefix_kv
+
+    kv = [(k, v.clone().fill_(float("nan"))) for k, v in prefix_kv(engine.model, torch.tensor(tokens))]
+    return KVPrefix("nan", kv, len(tokens))
+
+
+def test_a_nan_cartridge_fails_its_row_alone(engine):
+    """A cartridge holding NaN gave NaN scores; the draw raised in the batch's step and every
+    request of the batch failed. Now that row ends with an error event and the others' tokens
+    are those of a lone run; engine.generate (eval, synth) refuses it with a one-line error."""
+    from cart.io import CartError
+
+    ps = prompts(engine)
+    bad = GenerationRequest(ps[1], 8, 1.0, kv_prefix=nan_prefix(engine, ps[2][:6]))
+    good = [GenerationRequest(ps[0], 8, 0.0), GenerationRequest(ps[1], 8, 1.0, seed=5)]
+    alone = [engine.generate([r], seed=0)[0].token_ids for r in good]
+    batch = engine.open_batch()
+    rows = batch.add([good[0], bad, good[1]], [0, 1, 5])
+    errors = []
+    with torch.inference_mode():
+        while len(batch):
+            errors += [(ev.row, ev.error) for ev in batch.step() if ev.error]
+    assert errors == [(rows[1], "the model's next-token scores are not finite (NaN or infinite): "
+                                "the cartridge or the model holds NaN or infinite values")]
+    assert [rows[0].out.token_ids, rows[2].out.token_ids] == alone
+    with pytest.raises(CartError, match=r"^generation failed: the model's next-token scores are not finite"):
+        engine.generate([good[0], bad], seed=0)
+
+
+def test_scheduler_fails_only_the_nan_request(engine):
+    """Through cart serve's decode thread: the NaN request gets its error, the one sharing its
+    steps gets every token."""
+    import threading
+
+    from cart.scheduler import Scheduler
+
+    ps = prompts(engine)
+    scheduler = Scheduler(engine, max_batch=4)
+    got: dict[int, list] = {0: [], 1: []}
+    finished = threading.Semaphore(0)
+
+    def sink(i):
+        def on_event(token, done, reason, error):
+            got[i].append(error if error else token)
+            if done:
+                finished.release()
+        return on_event
+
+    good = GenerationRequest(ps[0], 8)
+    scheduler.submit(GenerationRequest(ps[1], 8, 1e-40, kv_prefix=nan_prefix(engine, ps[2][:6])), 0, sink(1))
+    scheduler.submit(good, 0, sink(0))
+    for _ in range(2):
+        assert finished.acquire(timeout=60)
+    scheduler.close(timeout=30)
+    assert got[0] == engine.generate([good], seed=0)[0].token_ids
+    assert got[1] == ["generation failed: the model's next-token scores are not finite (NaN or "
+                      "infinite): the cartridge or the model holds NaN or infinite values"]

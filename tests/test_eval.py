@@ -167,8 +167,10 @@ def test_resume_after_kill(files, tmp_path, cart_home):
 
 
 BAD = [
-    ({"id": "x", "question": "?", "answers": ["a"]}, "q.jsonl:1: missing field 'schema' (expected cart.questions/1)"),
-    ({"schema": "cart.questions/1", "question": "?", "answers": ["a"]}, "q.jsonl:1: missing field 'id'"),
+    ({"schema": "cart.chunk/1", "id": "x", "question": "?", "answers": ["a"]},
+     "q.jsonl:1: expected a cart.questions/1 record, got cart.chunk/1"),
+    ({"schema": "cart.questions/1", "id": 7, "question": "?", "answers": ["a"]},
+     "q.jsonl:1: field 'id' must be str, got int"),
     ({"schema": "cart.questions/1", "id": "x", "answers": ["a"]},
      "q.jsonl:1: give exactly one of the fields 'question' and 'messages'"),
     ({"schema": "cart.questions/1", "id": "x", "question": "?"}, "q.jsonl:1: missing field 'answers'"),
@@ -218,7 +220,7 @@ def test_more_bad_inputs(files, run_cart, tmp_path):
     assert one_line_error(run_cart("eval", qf, "-m", m, "-c", tmp_path / "none.safetensors")) == (
         f"cart: error: {tmp_path / 'none.safetensors'}: no such cartridge file")
     assert one_line_error(run_cart("eval", qf, "-m", m, "--icl", tmp_path / "none.md")) == (
-        f"cart: error: {tmp_path / 'none.md'}: no such corpus file")
+        f"cart: error: {tmp_path / 'none.md'}: no such file or directory")
     assert one_line_error(run_cart("eval", qf, "-m", m, "--no-context", "--max-new-tokens", 0)) == (
         "cart: error: --max-new-tokens must be >= 1, got 0")
     # a corpus longer than the model's context (4096 positions): refused, with the way out
@@ -233,3 +235,113 @@ def test_cartridge_of_another_model_is_refused(files, other_tiny_model, run_cart
     err = one_line_error(run_cart("eval", files["questions"], "-m", other_tiny_model, "-c",
                                   files["dir"] / "small.safetensors"))
     assert err.startswith(f"cart: error: {files['dir'] / 'small.safetensors'}: trained for model ")
+
+
+# -- question sets as people have them (issue 15, items 9 and 12) -------------------------------
+def test_plain_question_sets_need_no_schema_or_id(files, run_cart, tmp_path):
+    """{"question": ..., "answer": ...}, as most public QA sets are: read as cart.questions/1,
+    each question named after its line."""
+    path = tmp_path / "plain.jsonl"
+    path.write_text('{"question": "Who founded the cooperative?", "answer": "Ilsa Voss"}\n'
+                    '{"question": "Where do ships dock?", "answer": ["bay seven", "seven"]}\n'
+                    '{"schema": "cart.questions/1", "id": "q3", "question": "How many bridges?", '
+                    '"answers": ["four"]}\n')
+    proc = run_cart("eval", path, "-m", files["model"], "--no-context", "--max-new-tokens", 2)
+    assert proc.returncode == 0, proc.stderr.decode()
+    rows = [orjson.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["id"] for r in rows] == ["line-1", "line-2", "q3"]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"question": "?", "answer": "a", "answers": ["a"]},
+     "q.jsonl:1: give only one of the fields 'answers' and 'answer'"),
+    ({"question": "?", "answer": 42}, "q.jsonl:1: field 'answer' must be str/list, got int"),
+    ({"question": "?", "answer": [""]},
+     "q.jsonl:1: field 'answer' must be a non-empty string or list of non-empty strings"),
+    ({"question": "?", "answer": " "},
+     "q.jsonl:1: field 'answer' must be a non-empty string or list of non-empty strings"),
+    ({"question": "?"}, "q.jsonl:1: missing field 'answers'"),
+    ({"schema": "cart.questions/2", "question": "?", "answer": "a"},
+     "q.jsonl:1: unsupported schema version cart.questions/2 (this cart reads cart.questions/1; "
+     "upgrade cart or regenerate the file)"),
+    ({"schema": 1, "question": "?", "answer": "a"},
+     "q.jsonl:1: field 'schema' is 1, expected cart.questions/1"),
+    ({"question": "?", "answer": "a" * 100_001},
+     "q.jsonl:1: field 'answer' is 100001 characters long, more than 100000"),
+    ({"messages": [{"role": "user", "content": "?" * 100_001}], "answer": "a"},
+     "q.jsonl:1: field 'messages[0].content' is 100001 characters long, more than 100000"),
+    ({"question": "?", "answers": ["a", "b" * 100_001]},
+     "q.jsonl:1: field 'answers[1]' is 100001 characters long, more than 100000"),
+])
+def test_question_format_errors(tmp_path, record, message):
+    from cart.io import CartError
+    from cart.questions import load_questions
+
+    path = write_jsonl(tmp_path / "q.jsonl", [record])
+    with pytest.raises(CartError) as e:
+        load_questions(str(path))
+    assert str(e.value) == message.replace("q.jsonl", str(path))
+
+
+def test_a_huge_question_fails_fast_at_its_line(files, run_cart, tmp_path):
+    """A 30 MB question: refused at once, naming the question file and line (not after
+    minutes, naming a cartridge)."""
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(orjson.dumps(QUESTIONS[0]) + b"\n" +
+                     orjson.dumps({"question": "x" * 30_000_000, "answer": "a"}) + b"\n")
+    started = time.monotonic()
+    err = one_line_error(run_cart("eval", path, "-m", files["model"], "-c",
+                                  files["dir"] / "small.safetensors"))
+    assert err == (f"cart: error: {path}:2: field 'question' is 30000000 characters long, more "
+                   "than 100000")
+    assert time.monotonic() - started < 60
+
+
+def test_icl_reads_a_corpus_as_cart_chunk_does(files, run_cart, tmp_path):
+    """`--icl DIR` (and -) work as `cart chunk DIR` does: one corpus reader (issue 15, item 13)."""
+    m, qf = files["model"], write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:2])
+    half = len(CORPUS) // 2
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.md").write_text(CORPUS[:half] + "\n")
+    (corpus / "sub" / "b.md").write_text(CORPUS[half:])
+    (corpus / ".hidden.md").write_text("skipped, as cart chunk skips it")
+    (corpus / "blob.bin").write_bytes(b"\0binary")  # skipped with a warning
+    base = ("eval", qf, "-m", m, "--max-new-tokens", 2, "-q")
+    files_run = run_cart(*base, "--icl", corpus / "a.md", "--icl", corpus / "sub" / "b.md")
+    assert files_run.returncode == 0, files_run.stderr.decode()
+    dir_run = run_cart(*base, "--icl", corpus)
+    assert dir_run.returncode == 0, dir_run.stderr.decode()
+    assert dir_run.stdout == files_run.stdout
+    stdin_run = run_cart(*base, "--icl", "-", input=(corpus / "a.md").read_bytes())
+    assert stdin_run.returncode == 0, stdin_run.stderr.decode()
+    assert one_line_error(run_cart("eval", "-", "-m", m, "--icl", "-", input=qf.read_bytes())) == (
+        "cart: error: - (stdin) is given more than once; it can be read only once")
+
+
+def test_output_into_a_fifo_and_over_a_broken_partial(files, run_cart, tmp_path):
+    """-o a FIFO is written into (no FILE.partial beside it); a .partial holding a line cart
+    did not write (or nothing, as a failed run leaves it) is redone, not an internal error."""
+    import stat
+    import threading
+
+    m, qf = files["model"], write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:2])
+    base = ("eval", qf, "-m", m, "--no-context", "--max-new-tokens", 2, "-q")
+    ref = run_cart(*base)
+    assert ref.returncode == 0, ref.stderr.decode()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    proc = run_cart(*base, "-o", fifo)
+    reader.join(timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert got == [ref.stdout] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "q.jsonl"]
+    out = tmp_path / "r.jsonl"
+    for junk in (b"", b"[1, 2]\n", b"null\n"):
+        out.with_name("r.jsonl.partial").write_bytes(junk)
+        proc = run_cart(*base, "-o", out)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert out.read_bytes() == ref.stdout

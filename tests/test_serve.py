@@ -5,22 +5,23 @@ prompt: equality between batched and lone answers then means something.
 """
 
 import asyncio
+import shutil
 import signal
 import socket
+import struct
+import threading
+import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import torch
 from openai import AsyncOpenAI
 
 from conftest import VLLM, one_line_error
 
-from cart.kvcache import cartridge_from_tokens
-from cart.models import ModelIdentity, load_model, load_tokenizer, resolve_model
-from serving import KEY, Server
-from tiny import TRAINING_TEXT, build_tiny_model
+from serving import KEY, Server, write_cartridges
+from tiny import build_tiny_model
 
 QUESTIONS = ["Where do ships dock?", "Who founded the cooperative?", "How many bridges?",
              "What is the answer?", "Name a number.", "Which tram line?", "When was 2091?",
@@ -36,15 +37,9 @@ def peaked_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def carts(peaked_model, tmp_path_factory) -> Path:
     """alpha/beta/gamma: cartridges of 8, 12 and 16 tokens from different parts of the text."""
-    ref = resolve_model(str(peaked_model))
-    model, tok, ident = load_model(ref), load_tokenizer(ref), ModelIdentity.of(ref)
-    md = {"base_model": ident.model_id, "model_config_hash": ident.config_hash,
-          "tokenizer_hash": ident.tokenizer_hash}
-    ids = tok(TRAINING_TEXT).input_ids
     d = tmp_path_factory.mktemp("carts")
-    for i, name in enumerate(("alpha", "beta", "gamma")):
-        cart = cartridge_from_tokens(model, torch.tensor(ids[i * 10:i * 10 + 8 + 4 * i]), metadata=md)
-        cart.save(d / f"{name}.safetensors")
+    write_cartridges(peaked_model, d, {name: (i * 10, i * 10 + 8 + 4 * i)
+                                       for i, name in enumerate(("alpha", "beta", "gamma"))})
     return d
 
 
@@ -202,7 +197,7 @@ def test_concurrent_requests_over_three_cartridges_equal_each_alone(server):
     jobs = [(("alpha", "beta", "gamma")[i % 3], QUESTIONS[i % len(QUESTIONS)], 6 + i % 7)
             for i in range(32)]
     alone = [ask(server.client(), m, q, n) for m, q, n in jobs]
-    before = httpx.get(server.url + "/health").json()
+    before = server.health()
 
     async def together():
         client = server.client(cls=AsyncOpenAI)
@@ -213,8 +208,7 @@ def test_concurrent_requests_over_three_cartridges_equal_each_alone(server):
 
     assert asyncio.run(together()) == alone
     assert len(set(alone)) > 8  # the answers are not all alike
-    health = httpx.get(server.url + "/health").json()
-    assert health["batch_peak"] > before["batch_peak"] >= 1  # they really shared steps
+    assert server.health()["batch_peak"] > before["batch_peak"] >= 1  # they really shared steps
 
 
 def _log(tmp_path):
@@ -273,3 +267,124 @@ def test_bad_arguments_are_one_line_errors(run_cart, tmp_path, peaked_model, car
         err = one_line_error(run_cart("serve", "--cartridges", carts, "-m", peaked_model,
                                       "--port", port))
     assert err.startswith(f"cart: error: cannot listen on 127.0.0.1:{port}: ")
+
+
+# -- issue 15: hardening ------------------------------------------------------------------------
+def test_health_without_the_key_says_only_ok(server, carts):
+    """With a key set, /health gave anyone the cartridge names and the store's absolute path."""
+    r = httpx.get(server.url + "/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert httpx.get(server.url + "/health", headers={"Authorization": "Bearer wrong"}).json() == {"status": "ok"}
+    details = server.health()
+    assert details["status"] == "ok" and details["running"] == 0
+    assert details["config"]["cartridges"] == str(carts) and details["config"]["api_key"] == "(set)"
+
+
+def test_empty_api_key_is_refused_from_the_environment_too(run_cart, carts, peaked_model):
+    """`CART_API_KEY=` silently turned auth off while `--api-key ""` was refused."""
+    want = "cart: error: --api-key (or CART_API_KEY) must not be empty"
+    assert one_line_error(run_cart("serve", "--cartridges", carts, "-m", peaked_model,
+                                   "--api-key", "")) == want
+    assert one_line_error(run_cart("serve", "--cartridges", carts, "-m", peaked_model,
+                                   env={"CART_API_KEY": ""})) == want
+
+
+def test_long_stop_strings_are_refused(server):
+    c = server.client()
+    msg = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="alpha", messages=msg, stop=["ok", "x" * 257])
+    assert e.value.body == {"message": "stop: stop sequences must be at most 256 characters",
+                            "type": "invalid_request_error", "param": "stop", "code": None}
+    r = c.chat.completions.create(model="alpha", messages=msg, stop="x" * 256, max_tokens=4)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_adversarial_temperatures_do_not_sink_the_batch(server):
+    """temperature 1e-40 (or 5e-324) made the decode step raise, and every request sharing it
+    got a 500; now each is the greedy answer, and the others are unaffected."""
+    want = ask(server.client(), "alpha", QUESTIONS[0], max_tokens=8)
+
+    async def together():
+        client = server.client(cls=AsyncOpenAI)
+        return await asyncio.gather(*(client.chat.completions.create(
+            model="alpha", messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=8,
+            temperature=t, seed=1) for t in (0, 1e-40, 5e-324, 1e-300, 0, 2)))
+
+    answers = [r.choices[0].message.content for r in asyncio.run(together())]
+    assert answers[:5] == [want] * 5
+
+
+def test_store_changes_while_serving(server, carts):
+    """A crafted header dropped in made /v1/models 500 for everyone; a deleted cartridge stayed
+    in /health until a request named it."""
+    c = server.client()
+    (carts / "crafted.safetensors").write_bytes(struct.pack("<Q", 24) + b'{"__metadata__": [1, 2]}')
+    try:
+        assert [m.id for m in c.models.list().data] == ["model", "alpha", "beta", "gamma"]
+        with pytest.raises(openai.NotFoundError) as e:
+            c.chat.completions.create(model="crafted", messages=[{"role": "user", "content": "x"}])
+        assert e.value.body["message"].startswith("cartridge 'crafted' is unusable: ")
+    finally:
+        (carts / "crafted.safetensors").unlink()
+    assert "rejected cartridge crafted: " in server.log.read_text()
+    shutil.copy(carts / "alpha.safetensors", carts / "delta.safetensors")
+    try:
+        ask(c, "delta", "hi", max_tokens=2)
+        assert "delta" in server.health()["cartridges_loaded"]
+    finally:
+        (carts / "delta.safetensors").unlink()
+    assert "delta" not in server.health()["cartridges_loaded"]
+
+
+def test_abandoned_and_stalled_requests_free_their_place(peaked_model, carts, cart_home, tmp_path):
+    """Non-streamed requests whose clients left kept generating (and holding --max-concurrent:
+    429 for everyone else); a client that sends half a request held its connection forever."""
+    s = Server(peaked_model, carts, cart_home, _log(tmp_path), "--max-concurrent", "2",
+               "--max-tokens", "4000", "--request-timeout", "1", "-q")
+    try:
+        def abandon():
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(s.url + "/v1/completions", timeout=1.5, headers={"Authorization": f"Bearer {KEY}"},
+                           json={"model": "alpha", "prompt": "x", "max_tokens": 4000, "ignore_eos": True})
+
+        threads = [threading.Thread(target=abandon) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        deadline = time.time() + 5
+        while s.health()["running"] + s.health()["waiting"] and time.time() < deadline:
+            time.sleep(0.1)
+        assert s.health()["running"] == 0 and s.health()["waiting"] == 0
+        assert ask(s.client(), "alpha", "hi", max_tokens=2)  # not 429
+
+        # half the headers, then nothing: a 408 after --request-timeout, and the connection closes
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            reply = _read_all(sock)
+        assert reply.startswith(b"HTTP/1.1 408 ") and reply.endswith(
+            b'{"error":{"message":"the request headers did not arrive within 1 s (--request-timeout)",'
+            b'"type":"invalid_request_error","param":null,"code":"request_timeout"}}')
+        # the headers, and half the body
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                         + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"")
+            reply = _read_all(sock)
+        assert reply.startswith(b"HTTP/1.1 408 ") and reply.endswith(
+            b'{"error":{"message":"the request body did not arrive within 1 s (--request-timeout)",'
+            b'"type":"invalid_request_error","param":null,"code":"request_timeout"}}')
+        # an idle connection is closed too (silently: no request was begun)
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+            assert _read_all(sock) == b""
+        assert s.health()["running"] == 0
+    finally:
+        assert s.stop() == 0
+    assert "Traceback" not in s.log.read_text()
+
+
+def _read_all(sock) -> bytes:
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out

@@ -91,3 +91,86 @@ def test_corrupt_and_foreign_cartridges_are_rejected_and_logged(tmp_path, tiny, 
     time.sleep(0.01)
     save(tiny, d / "junk.safetensors")
     assert store.names() == ["good", "junk"]
+
+
+def crafted(header: bytes) -> bytes:
+    """A safetensors file with this JSON header (and a few data bytes)."""
+    import struct
+
+    return struct.pack("<Q", len(header)) + header + b"\0" * 16
+
+
+# headers that gave internal errors (issue 15, item 5): a non-object metadata, integer offsets,
+# an integer format, 100k-deep nesting
+CRAFTED = {
+    "meta_list": b'{"__metadata__": [1, 2]}',
+    "meta_str": b'{"__metadata__": "x"}',
+    "offsets_int": b'{"__metadata__": {"format": "cart.cartridge/1"}, "layers.0.keys": '
+                   b'{"dtype": "F32", "shape": [1], "data_offsets": 4}}',
+    "format_int": b'{"__metadata__": {"format": 7}}',
+    "deep": b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+}
+
+
+def test_crafted_headers_are_skipped_with_a_warning(tmp_path, tiny, caplog):
+    """The store lists the good cartridge and rejects each crafted file with its reason and one
+    warning -- at the first listing (startup) and when dropped in later -- never raising."""
+    d = tmp_path / "carts"
+    d.mkdir()
+    save(tiny, d / "good.safetensors")
+    first, later = list(CRAFTED)[:3], list(CRAFTED)[3:]
+    for name in first:
+        (d / f"{name}.safetensors").write_bytes(crafted(CRAFTED[name]))
+    store = CartridgeStore(d, tiny[2])
+    with caplog.at_level(logging.WARNING, logger="cart.serve"):
+        assert store.names() == ["good"]
+        for name in later:
+            (d / f"{name}.safetensors").write_bytes(crafted(CRAFTED[name]))
+        assert store.names() == ["good"]
+        assert store.names() == ["good"]  # warned once per file, not per listing
+    assert set(store.rejected()) == set(CRAFTED)
+    warned = [r.message for r in caplog.records if r.message.startswith("rejected cartridge ")]
+    assert sorted(m.split()[2].rstrip(":") for m in warned) == sorted(CRAFTED)
+    for name in CRAFTED:
+        with pytest.raises(UnknownCartridge, match=f"^cartridge '{name}' is unusable: "):
+            store.get(name)
+
+
+def test_a_deleted_cartridge_leaves_memory_without_a_request(tmp_path, tiny):
+    """It stayed in loaded_names() (GET /health) until a request named it (issue 15, item 10)."""
+    d = tmp_path / "carts"
+    d.mkdir()
+    save(tiny, d / "a.safetensors")
+    save(tiny, d / "b.safetensors")
+    store = CartridgeStore(d, tiny[2])
+    assert store.names() == ["a", "b"] and store.loaded_names() == ["a", "b"]
+    one = store.loaded_bytes() // 2
+    (d / "a.safetensors").unlink()
+    assert store.loaded_names() == ["b"] and store.loaded_bytes() == one
+    (d / "b.safetensors").unlink()
+    assert store.names() == [] and store.loaded_names() == [] and store.loaded_bytes() == 0
+
+
+def test_symlinks_alias_inside_and_are_refused_out_of_the_directory(tmp_path, tiny, caplog):
+    """A link to a cartridge of the directory is served under its name too; a link out of it
+    (or to nothing) is not, with a warning and the reason in the 404."""
+    d = tmp_path / "carts"
+    d.mkdir()
+    save(tiny, d / "a.safetensors")
+    save(tiny, tmp_path / "outside.safetensors")
+    os.symlink("a.safetensors", d / "alias.safetensors")
+    os.symlink(tmp_path / "outside.safetensors", d / "out.safetensors")
+    os.symlink(d / "missing.safetensors", d / "dangling.safetensors")
+    store = CartridgeStore(d, tiny[2])
+    with caplog.at_level(logging.WARNING, logger="cart.serve"):
+        assert store.names() == ["a", "alias"]
+        assert store.names() == ["a", "alias"]
+    reason = ("a symbolic link that does not lead to a file in the cartridge directory (links out "
+              "of it are not served)")
+    assert store.rejected() == {"out": reason, "dangling": reason}
+    assert sorted(r.message for r in caplog.records) == [
+        f"rejected cartridge dangling: {reason}", f"rejected cartridge out: {reason}"]
+    with pytest.raises(UnknownCartridge) as e:
+        store.get("out")
+    assert str(e.value) == f"cartridge 'out' is unusable: {reason}"
+    assert store.get("alias").num_tokens == 8

@@ -190,3 +190,49 @@ def test_direct_seeds_skip_a_and_the_corpus_head_travels_once(run_cart, tiny_mod
     assert head["source"] == "corpus"
     assert head["ids"] == tok(CORPUS_TEXT, add_special_tokens=False)["input_ids"][:8192]
     assert all("corpus_head" not in r for r in recs[1:])
+
+
+# -- chunk records with fields of the wrong type, and --top-k past the vocabulary (issue 15) -----
+@pytest.mark.parametrize("extra, message", [
+    ({"tokenizer": "x"}, "{path}:1: field 'tokenizer' must be dict, got str"),
+    ({"sources": "abc"}, "{path}:1: field 'sources' must be list, got str"),
+    ({"sources": ["abc"]}, "{path}:1: sources[0] must be an object, got str"),
+    ({"sources": [{"path": 3}]}, "{path}:1: sources[0]: field 'path' must be str, got int"),
+    ({"tokenizer": {"hash": ["a"]}}, "{path}:1: tokenizer: field 'hash' must be str, got list"),
+    ({"start": "0"}, "{path}:1: field 'start' must be int, got str"),
+    ({"end": True}, "{path}:1: field 'end' must be int, got bool"),
+    ({"description": 5}, "{path}:1: field 'description' must be str, got int"),
+])
+def test_chunk_fields_of_the_wrong_type_are_named(run_cart, tiny_model, tmp_path, extra, message):
+    chunks = tmp_path / "chunks.jsonl"
+    good = {"schema": "cart.chunk/1", "id": "chunk-1", "text": "Ship 1 docks at bay 1."}
+    chunks.write_text(json.dumps({**good, **extra}) + "\n")
+    out = tmp_path / "keep.jsonl"
+    out.write_text("keep\n")
+    err = one_line_error(run_cart("synth", chunks, "-n", "1", "--model", tiny_model, "-o", out))
+    assert err == "cart: error: " + message.format(path=chunks)
+    assert out.read_text() == "keep\n"
+
+
+def test_null_optional_chunk_fields_are_accepted(tmp_path):
+    from cart.io import Console
+    from cart.synth import SynthConfig, chunk_paths, chunk_tokenizer_hashes, load_chunks
+
+    chunks = tmp_path / "chunks.jsonl"
+    chunks.write_text(json.dumps({"schema": "cart.chunk/1", "id": "c", "text": "t", "sources": None,
+                                  "tokenizer": None, "description": None}) + "\n")
+    got, _ = load_chunks([str(chunks)], SynthConfig(), None, Console(True))
+    assert chunk_paths(got[0]) == [] and chunk_tokenizer_hashes(got) == set()
+
+
+def test_top_k_past_the_vocabulary_is_refused(run_cart, tiny_model, tmp_path):
+    from cart.models import load_tokenizer, resolve_model
+
+    chunks = tmp_path / "chunks.jsonl"
+    chunks.write_text(json.dumps({"schema": "cart.chunk/1", "id": "c", "text": "Ship 1."}) + "\n")
+    out = tmp_path / "out.jsonl"
+    err = one_line_error(run_cart("synth", chunks, "-n", "1", "--top-k", "1000000", "--model",
+                                  tiny_model, "-o", out))
+    vocab = len(load_tokenizer(resolve_model(str(tiny_model))))
+    assert err == f"cart: error: --top-k 1000000 is more than the model's vocabulary ({vocab} tokens)"
+    assert not out.exists() and not (tmp_path / "out.jsonl.partial").exists()

@@ -113,6 +113,34 @@ class StepEvent:
     token_id: int
     done: bool
     reason: str | None  # when done: "eos", "length" or "loop"
+    error: str | None = None  # this row failed (and is done); the rest of the batch goes on
+
+
+NON_FINITE = ("the model's next-token scores are not finite (NaN or infinite): the cartridge or "
+              "the model holds NaN or infinite values")
+
+
+def finite_rows(logits: Any) -> list[bool]:
+    """Per row of ``[rows, vocab]`` next-token scores: whether it can be sampled from (no NaN,
+    a finite maximum). A row that cannot fails alone (``NON_FINITE``), not its batch."""
+    import torch
+
+    return (~torch.isnan(logits).any(dim=-1) & torch.isfinite(logits.max(dim=-1).values)).tolist()
+
+
+def sample_token(logits: Any, temperature: float, generator: Any) -> int:
+    """One token from one row's next-token ``logits`` (a ``finite_rows`` row) at
+    ``temperature`` > 0, drawn with ``generator``.
+
+    ``softmax(logits/T)`` is computed as ``softmax((logits - max)/T)`` with the maximum's
+    entries pinned to 0: a tiny T (1e-40, or 5e-324, which is 0 in float32) then gives -inf to
+    every other token -- the greedy choice, ties drawn evenly -- instead of inf/inf = NaN."""
+    import torch
+
+    shifted = logits - logits.max()
+    scaled = torch.where(shifted == 0, torch.zeros_like(shifted), shifted / temperature)
+    probs = torch.softmax(scaled, dim=-1).cpu()
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def eos_token_ids(eos: int | list[int] | None, tokenizer: Any) -> set[int]:

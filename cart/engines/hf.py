@@ -15,8 +15,9 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from cart.engines.base import (Engine, Generation, GenerationRequest, KVPrefix, ScoreRequest, StepEvent,
-                               TopK, eos_token_ids, loop_start)
+from cart.engines.base import (NON_FINITE, Engine, Generation, GenerationRequest, KVPrefix, ScoreRequest,
+                               StepEvent, TopK, eos_token_ids, finite_rows, loop_start, sample_token)
+from cart.io import CartError
 from cart.models import context_length
 
 
@@ -68,7 +69,9 @@ class TransformersEngine(Engine):
                                     for i, r in enumerate(requests)])
         with torch.inference_mode():
             while len(batch):
-                batch.step()
+                for ev in batch.step():
+                    if ev.error is not None:
+                        raise CartError(f"generation failed: {ev.error}")
         return [row.out for row in rows]
 
     def _row_cache(self, prompt_ids: list[int], prefix_len: int, kv_prefix: KVPrefix | None):
@@ -323,11 +326,13 @@ class TransformersBatch:
             top_lp, top_ids = top_lp.cpu().tolist(), top_ids.cpu().tolist()
         events, keep = [], []
         eos = self.engine.eos_token_ids
-        for i, row in enumerate(self.rows):
+        for i, (row, finite) in enumerate(zip(self.rows, finite_rows(logits))):
             r, out = row.request, row.out
+            if not finite:  # NaN from a cartridge or the model: this row fails, the rest go on
+                events.append(StepEvent(row, -1, True, None, NON_FINITE))
+                continue
             if r.temperature > 0:  # each request draws from its own generator
-                probs = torch.softmax(logits[i] / r.temperature, dim=-1).cpu()
-                chosen[i] = int(torch.multinomial(probs, 1, generator=row.generator))
+                chosen[i] = sample_token(logits[i], r.temperature, row.generator)
             token = chosen[i]
             out.token_ids.append(token)
             if r.top_k_logprobs:
