@@ -42,6 +42,11 @@ INIT_KINDS = ("attention-match", "corpus", "random-tokens", "random-vectors", "t
 DTYPES = ("auto", "float32", "bfloat16")
 
 
+# Far above any rate that trains (the paper's 0.02; 0.2 on the tiny test models): beyond it
+# Adam's state overflows float32 and training dies in NaN.
+MAX_LR = 100.0
+
+
 @dataclass
 class DistillConfig:
     tokens: int = 512  # p, the cartridge's length in KV positions (sink included)
@@ -82,6 +87,7 @@ class DistillConfig:
                             f"-p/--tokens ({self.tokens})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise CartError(f"--lr must be a positive number, got {self.lr}")
+        check_at_most("--lr", self.lr, MAX_LR)
         if self.objective not in OBJECTIVES:
             raise CartError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.dtype not in DTYPES:

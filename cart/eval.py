@@ -201,21 +201,27 @@ class Prompts:
 
 
 def check_fits(engine, methods: list[Method], questions: list[dict[str, Any]], prompts: Prompts,
-               cfg: EvalConfig) -> None:
-    """Refuse up front, clearly, a method whose context does not fit the model."""
+               cfg: EvalConfig, questions_path: str) -> None:
+    """Refuse up front, clearly, a question or a method whose context does not fit the model."""
     for m in methods:
-        longest = 0
+        longest, worst = 0, None
         for q in questions:
             ids, start, _ = prompts.scoring(m, q)
             gen = prompts.generation(m, q)[0]
-            longest = max(longest, len(ids), len(gen) + cfg.max_new_tokens)
+            own = max(len(ids), len(gen) + cfg.max_new_tokens)
+            if own > engine.max_context:  # too long whatever comes before it: the question's fault
+                raise CartError(f"{display_name(questions_path)}: question {q['id']} needs {own} tokens of "
+                                f"context (question and {cfg.max_new_tokens} new tokens), more "
+                                f"than the model's {engine.max_context}")
+            if own > longest:
+                longest, worst = own, q["id"]
         # positions run to the query position (compacted keys keep the corpus's) + the prompt
         need = longest + (max(m.kv_prefix.tokens, m.kv_prefix.first_position) if m.kv_prefix else 0)
         if need > engine.max_context:
             hint = ("; use --truncate N for the corpus's first N tokens" if m.kind == "icl"
                     else "")
             raise CartError(f"{m.source or m.name}: {m.name} needs {need} tokens of context "
-                            f"({m.kv_tokens} before the question, question and "
+                            f"({m.kv_tokens} before the question, question {worst} and "
                             f"{cfg.max_new_tokens} new tokens), more than the model's "
                             f"{engine.max_context}{hint}")
 
@@ -349,7 +355,7 @@ def evaluate(questions_path: str, cfg: EvalConfig, model: str | None, *, no_cont
     methods = build_methods(engine, no_context=no_context, icl=icl, truncate=truncate,
                             cartridges=cartridges, console=console)
     prompts = Prompts(engine.tokenizer)
-    check_fits(engine, methods, questions, prompts, cfg)
+    check_fits(engine, methods, questions, prompts, cfg, questions_path)
     ident = engine.identity
     bytes_per_token = kv_bytes_per_token(ident.num_layers, ident.kv_heads, ident.head_dim, cfg.dtype)
     icl_tokens = next((m.kv_tokens for m in methods if m.kind == "icl"), None)

@@ -219,9 +219,8 @@ def plan(chunks: list[dict[str, Any]], cfg: SynthConfig, seeds) -> list[Planned]
         epoch += 1
     out = []
     for i in range(cfg.num_convos):
-        chunk = chunks[order[i]]
-        seed_type, seed_text = seeds.sample(random.Random(f"{cfg.seed}:{i}"), chunk["text"])
-        out.append(Planned(i, chunk, seed_type, seed_text))
+        seed_type, seed_text = seeds.sample(random.Random(f"{cfg.seed}:{i}"))
+        out.append(Planned(i, chunks[order[i]], seed_type, seed_text))
     return out
 
 

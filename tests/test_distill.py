@@ -424,6 +424,7 @@ def test_no_corpus_head_says_what_to_do(tmp_path, tiny, run_cart):
 @pytest.mark.parametrize("args, message", [
     (["-p", "1"], "-p/--tokens must be at least 2, got 1"),
     (["--lr", "0"], "--lr must be a positive number, got 0.0"),
+    (["--lr", "3e38"], "--lr must be at most 100.0, got 3e+38"),
     (["--objective", "mse"], "--objective must be one of kl, ntp, got 'mse'"),
     (["--init", "zeros"], "--init must be attention-match, corpus, random-tokens, random-vectors, text or a .safetensors"),
     (["--init", "text"], "--init text needs --init-text FILE"),

@@ -3,6 +3,7 @@ summary, table, plot), batching, resume, and clear errors for bad question files
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -295,6 +296,18 @@ def test_a_huge_question_fails_fast_at_its_line(files, run_cart, tmp_path):
     assert err == (f"cart: error: {path}:2: field 'question' is 30000000 characters long, more "
                    "than 100000")
     assert time.monotonic() - started < 60
+
+
+def test_a_question_longer_than_the_context_is_named(files, run_cart, tmp_path):
+    """A question under the size cap but longer than the model's context: the error names the
+    question file and the question, not the cartridge it was asked of."""
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(orjson.dumps(QUESTIONS[0]) + b"\n" +
+                     orjson.dumps({"id": "long", "question": "word " * 5000, "answer": "a"}) + b"\n")
+    err = one_line_error(run_cart("eval", path, "-m", files["model"], "-c",
+                                  files["dir"] / "small.safetensors"))
+    assert re.fullmatch(rf"cart: error: {re.escape(str(path))}: question long needs \d+ tokens of "
+                        r"context \(question and 64 new tokens\), more than the model's 4096", err), err
 
 
 def test_icl_reads_a_corpus_as_cart_chunk_does(files, run_cart, tmp_path):

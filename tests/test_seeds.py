@@ -20,8 +20,7 @@ DOMAIN_WORDS = ["medical", "patient", "health", "clinical", "financial", "financ
 ENDING = re.compile(r"Output only (the|that) (message|question|question or request), and "
                     r"nothing else: no preamble, no explanation\.$")
 UNKNOWN = ("--seed-prompts: unknown seed-prompt type {!r} (known: mixed, recall, generic, "
-           "structuring, summarization, question, use_case, creative, recite, facts, qa, continuation, "
-           "or a file)")
+           "structuring, summarization, question, use_case, creative, recite, facts, qa, or a file)")
 
 
 def all_builtin_prompts(n: int = 300) -> set[str]:
@@ -221,37 +220,3 @@ def test_seed_mix_sample_draws_type_then_prompt():
         seed = ref.choice(mix.seeds)
         assert name == seed.name and text == seed.sample(ref)
     assert isinstance(mix, SeedMix)
-
-
-def test_continuation_quotes_the_chunk_from_a_line_or_sentence_start():
-    from cart.seeds import ContinuationSeed
-    from cart.seeds.continuation import QUOTE_WORDS
-
-    chunk = ("The depot opened in 2190 with four docks and a crane. Its first master was Ada Varga, "
-             "who kept the log for nine years.\nCargo then passed through Tycho and Halden on the "
-             "way to the outer stations and back again every single week.")
-    mix = get_seed_prompts("continuation")
-    prompts = {mix.sample(random.Random(i), chunk)[1] for i in range(60)}
-    quotes = {re.search(r'"(.*)"', p).group(1) for p in prompts}
-    # every quote is QUOTE_WORDS words of the chunk, starting where a line or sentence starts
-    assert quotes == {"The depot opened in 2190 with four docks", "Its first master was Ada Varga, who kept",
-                      "Cargo then passed through Tycho and Halden on"}
-    assert all(len(q.split()) == QUOTE_WORDS for q in quotes)
-    assert len(prompts) > len(quotes)  # the wordings vary too
-    # the same generator state and chunk give the same prompt; another chunk another one
-    assert mix.sample(random.Random(3), chunk) == mix.sample(random.Random(3), chunk)
-    assert ContinuationSeed().sample(random.Random(0), "") .startswith(("Continue", "In the", "Find"))
-
-
-def test_recall_includes_continuation_and_synth_plans_it_per_chunk():
-    from cart.synth import SynthConfig, plan
-
-    assert get_seed_prompts("recall").names == ["recite", "facts", "qa", "continuation"]
-    chunks = [{"text": "Alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi "
-                       "omicron pi rho sigma."},
-              {"text": "One two three four five six seven eight nine ten eleven twelve thirteen "
-                       "fourteen fifteen sixteen seventeen."}]
-    planned = plan(chunks, SynthConfig(num_convos=4), get_seed_prompts("continuation"))
-    for p in planned:
-        assert p.seed_type == "continuation"
-        assert re.search(r'"(.*)"', p.seed_text).group(1) in " ".join(p.chunk["text"].split())

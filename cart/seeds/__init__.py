@@ -22,7 +22,6 @@ from cart.io import CartError
 from cart.seeds.base import SeedPrompt
 from cart.seeds.creative import CreativeSeed
 from cart.seeds.custom import CustomSeeds
-from cart.seeds.continuation import ContinuationSeed
 from cart.seeds.facts import FactsSeed
 from cart.seeds.generic import GenericSeed
 from cart.seeds.qa import QASeed
@@ -47,7 +46,6 @@ RECALL_TYPES: dict[str, type[SeedPrompt]] = {
     "recite": ReciteSeed,
     "facts": FactsSeed,
     "qa": QASeed,
-    "continuation": ContinuationSeed,
 }
 
 MIXED = "mixed"
@@ -61,7 +59,6 @@ __all__ = [
     "SEED_TYPES", "SeedMix", "SeedPrompt", "get_seed_prompts", "DEFAULT_SPEC",
     "StructuringSeed", "SummarizationSeed", "QuestionSeed", "UseCaseSeed", "CreativeSeed",
     "GenericSeed", "CustomSeeds", "RECALL_TYPES", "ReciteSeed", "FactsSeed", "QASeed",
-    "ContinuationSeed",
 ]
 
 
@@ -83,12 +80,10 @@ class SeedMix:
         """Types whose prompt is the user message itself (A is skipped)."""
         return {s.name for s in self.seeds if getattr(s, "direct", False)}
 
-    def sample(self, rng: random.Random, chunk: str = "") -> tuple[str, str]:
-        """Return ``(type_name, prompt_text)`` for a conversation about ``chunk``; the same
-        ``rng`` state and chunk give the same pair."""
+    def sample(self, rng: random.Random) -> tuple[str, str]:
+        """Return ``(type_name, prompt_text)``; the same ``rng`` state gives the same pair."""
         seed = rng.choice(self.seeds)
-        return seed.name, (seed.sample(rng, chunk) if getattr(seed, "uses_chunk", False)
-                           else seed.sample(rng))
+        return seed.name, seed.sample(rng)
 
     def describe(self) -> str:
         """One line for logs and metadata, e.g. ``mixed: structuring, summarization, ...``."""
