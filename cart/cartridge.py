@@ -21,10 +21,9 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cart.io import CartError, atomic_output
+from cart.io import CartError, atomic_output, read_input_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -214,12 +213,7 @@ class Cartridge:
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect: ModelIdentity | None = None) -> Cartridge:
-        path = Path(path)
-        if not path.exists():
-            raise CartError(f"{path}: no such cartridge file")
-        if path.is_dir():
-            raise CartError(f"{path}: is a directory, expected a cartridge file")
-        return cls.from_bytes(_read(path), str(path), expect)
+        return cls.from_bytes(read_input_bytes(path, "cartridge file"), str(path), expect)
 
     @classmethod
     def from_bytes(cls, data: bytes, name: str = "cartridge",
@@ -409,17 +403,7 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CartError(f"{path}: no such cartridge file")
-    return read_metadata_bytes(_read(path), str(path))
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise CartError(f"{path}: cannot read: {e.strerror}") from None
+    return read_metadata_bytes(read_input_bytes(path, "cartridge file"), str(path))
 
 
 def _one_line(e: BaseException) -> str:
