@@ -111,14 +111,13 @@ def compact_corpus(inputs: Sequence[str], cfg: CompactConfig, model_spec: str | 
     """The whole ``cart compact`` job: read the corpus, compact it, write the cartridge."""
     import torch
 
-    from cart.chunk import DOCUMENT_SEPARATOR, corpus_hash, read_corpus
+    from cart.chunk import corpus_hash, corpus_text, read_corpus
     from cart.models import ModelIdentity, load_model, load_tokenizer, resolve_device, resolve_model
 
     docs = read_corpus(inputs, console)
     ref = resolve_model(model_spec, console)
     tokenizer = load_tokenizer(ref)
-    text = DOCUMENT_SEPARATOR.join(d.text.strip("\n") for d in docs if d.text.strip())
-    corpus_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    corpus_ids = tokenizer(corpus_text(docs), add_special_tokens=False)["input_ids"]
     if cfg.tokens > len(corpus_ids):
         raise CartError(f"-p/--tokens {cfg.tokens} is more than the corpus's {len(corpus_ids)} "
                         "tokens (lower -p)")
