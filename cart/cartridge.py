@@ -77,6 +77,8 @@ class Cartridge:
         if not (n and len(self.values) == len(self.frozen_keys) == len(self.frozen_values) == n):
             raise ValueError("a cartridge needs the same number (>0) of K/V tensors per kind")
         ref = self.keys[0]
+        if ref.dim() != 3:
+            raise ValueError(f"trainable.keys.0: shape {tuple(ref.shape)} is not [kv_heads, p, head_dim]")
         for name, group in (("frozen.keys", self.frozen_keys), ("frozen.values", self.frozen_values),
                             ("trainable.keys", self.keys), ("trainable.values", self.values)):
             for i, t in enumerate(group):

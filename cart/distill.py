@@ -207,10 +207,10 @@ def _parse_convo(r: dict, where: str) -> Conversation:
         if not (isinstance(c, list) and isinstance(lp, list) and c and len(c) == len(lp)):
             raise CartError(f"{where}: targets.ids[{j}] and targets.logprobs[{j}] must be "
                             "non-empty lists of equal length")
-        bad = next((t for t in c if not _is_token_id(t)), None)
+        bad = next((k for k, t in enumerate(c) if not _is_token_id(t)), None)  # (t may be None)
         if bad is not None:
             raise CartError(f"{where}: targets.ids[{j}] must hold token ids (non-negative "
-                            f"integers), got {bad!r}")
+                            f"integers), got {c[bad]!r}")
         # NaN and infinities would make the loss, and then every trained value, NaN
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
                    and x <= 1e-6 for x in lp):

@@ -209,7 +209,9 @@ def check_fits(engine, methods: list[Method], questions: list[dict[str, Any]], p
             ids, start, _ = prompts.scoring(m, q)
             gen = prompts.generation(m, q)[0]
             own = max(len(ids), len(gen) + cfg.max_new_tokens)
-            if own > engine.max_context:  # too long whatever comes before it: the question's fault
+            # with nothing but the question in the prompt (ICL's holds the corpus), a prompt
+            # that does not fit is the question's fault, whatever comes before it
+            if own > engine.max_context and m.kind in ("no_context", "cartridge"):
                 raise CartError(f"{display_name(questions_path)}: question {q['id']} needs {own} tokens of "
                                 f"context (question and {cfg.max_new_tokens} new tokens), more "
                                 f"than the model's {engine.max_context}")

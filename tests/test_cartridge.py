@@ -241,6 +241,23 @@ def test_crafted_headers_are_refused_in_one_line(run_cart, cart_file, craft, exp
     assert one_line_error(run_cart("info", cart_file)) == f"cart: error: {cart_file}: {expected}"
 
 
+def test_two_dimensional_first_keys_are_refused_in_one_line(run_cart, cart_file):
+    """Found by the fuzz suite: first trainable keys of rank 2 (the same bytes) crashed the
+    shape check that compares every tensor with them."""
+    shapes = {}
+
+    def flatten(h):
+        shapes["old"] = h["trainable.0.keys"]["shape"]
+        a, b, c = shapes["old"]
+        h["trainable.0.keys"]["shape"] = [a * b, c]
+
+    _rewrite_header(cart_file, flatten)
+    a, b, c = shapes["old"]
+    assert one_line_error(run_cart("info", cart_file)) == (
+        f"cart: error: {cart_file}: corrupt cartridge file (trainable.keys.0: shape ({a * b}, {c}) "
+        "is not [kv_heads, p, head_dim])")
+
+
 def test_a_crafted_header_is_one_line_in_every_stage(run_cart, cart_file, tiny_model, tmp_path):
     """compose, eval and distill --init read cartridges through the same checks as info."""
     _rewrite_header(cart_file, _set_metadata(lambda md: list(md.items())))

@@ -519,6 +519,7 @@ def test_vanishing_teacher_candidates_train_a_finite_cartridge(tmp_path, tiny, r
     ("ids", [-3], "targets.ids[1] must hold token ids (non-negative integers), got -3"),
     ("ids", [True], "targets.ids[1] must hold token ids (non-negative integers), got True"),
     ("ids", [1.0], "targets.ids[1] must hold token ids (non-negative integers), got 1.0"),
+    ("ids", [None], "targets.ids[1] must hold token ids (non-negative integers), got None"),
     ("logprobs", [float("-inf")], "targets.logprobs[1] must hold finite log-probabilities (<= 0)"),
     ("logprobs", [float("nan")], "targets.logprobs[1] must hold finite log-probabilities (<= 0)"),
     ("logprobs", ["-1"], "targets.logprobs[1] must hold finite log-probabilities (<= 0)"),

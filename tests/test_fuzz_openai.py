@@ -242,7 +242,7 @@ def test_any_request_gets_an_answer_or_an_openai_error(app):
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://fuzz")
     seen: dict[int, int] = {}
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(bodies())
     def check(case):
@@ -269,7 +269,7 @@ field_dicts = st.lists(st.sampled_from(sorted(FIELDS)), min_size=1, max_size=8, 
     lambda keys: st.fixed_dictionaries({k: FIELDS[k] for k in keys}))
 
 
-@settings(max_examples=EXAMPLES, deadline=None, database=None,
+@settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.sampled_from([ChatCompletionRequest, CompletionRequest]),
        st.one_of(field_dicts, field_dicts, anything))
