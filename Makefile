@@ -9,7 +9,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CART := $(VENV)/bin/cart
 DEMO_OUT ?= demo-out
-DEMO_CONVOS ?= 40
 # Installing is redone only when pyproject.toml changes.
 STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.installed-vllm
@@ -51,21 +50,23 @@ endif
 
 demo: install
 	@mkdir -p $(DEMO_OUT)
-	@echo "== cart chunk: the example corpus -> consecutive windows of 128-256 tokens"
+	@echo "== cart chunk: the windows cart synth cuts by default (consecutive, 128-256 tokens)"
 	$(CART) chunk examples/orbital/corpus.md --mode sequential --min-tokens 128 --max-tokens 256 \
 		-o $(DEMO_OUT)/chunks.jsonl
 	@$(PY) examples/show_chunks.py $(DEMO_OUT)/chunks.jsonl
-	@echo "== cart synth: self-study on those chunks (generic + recall seed prompts; short turns to fit a CPU)"
-	$(CART) synth $(DEMO_OUT)/chunks.jsonl -n $(DEMO_CONVOS) --seed-prompts mixed,recall --batch-size 16 \
-		--max-tokens-a 64 --max-tokens-b 192 -o $(DEMO_OUT)/convos.jsonl
+	@echo "== cart synth: self-study on the corpus, the default recipe (paper + recall seed prompts, short turns)"
+	$(CART) synth examples/orbital/corpus.md -o $(DEMO_OUT)/convos.jsonl
 	@$(PY) examples/show_convos.py $(DEMO_OUT)/convos.jsonl
-	@echo "== cart distill: train a 128-token cartridge (init: the corpus's first 128 tokens)"
-	$(CART) distill $(DEMO_OUT)/convos.jsonl -p 128 --epochs 2 --batch-size 1 --seq-len 1024 \
-		--log $(DEMO_OUT)/distill-log.jsonl -o $(DEMO_OUT)/orbital-p128.safetensors
+	@echo "== cart distill: a 128-token cartridge, self-study from the corpus's compaction (the defaults)"
+	$(CART) distill $(DEMO_OUT)/convos.jsonl -p 128 --log $(DEMO_OUT)/distill-log.jsonl \
+		-o $(DEMO_OUT)/orbital-p128.safetensors
 	$(CART) info $(DEMO_OUT)/orbital-p128.safetensors
-	@echo "== cart eval: no context vs the corpus in context (ICL) vs its first 128 tokens vs the cartridge"
+	@echo "== cart compact: compaction alone, no training"
+	$(CART) compact examples/orbital/corpus.md -p 128 -o $(DEMO_OUT)/orbital-compact-p128.safetensors
+	@echo "== cart eval: no context vs the corpus in context (ICL) vs its first 128 tokens vs compaction vs the cartridge"
 	$(CART) eval examples/orbital/questions.jsonl --no-context --icl examples/orbital/corpus.md \
-		--truncate 128 -c $(DEMO_OUT)/orbital-p128.safetensors --max-new-tokens 48 \
+		--truncate 128 -c $(DEMO_OUT)/orbital-compact-p128.safetensors \
+		-c $(DEMO_OUT)/orbital-p128.safetensors --max-new-tokens 48 \
 		--summary $(DEMO_OUT)/summary.json --plot $(DEMO_OUT)/quality-vs-memory.png \
 		-o $(DEMO_OUT)/results.jsonl --table
 	@echo "(per-question answers: $(DEMO_OUT)/results.jsonl; summary: $(DEMO_OUT)/summary.json;" \

@@ -78,27 +78,29 @@ def bench_corpus(name: str, args, out: Path, log: Path) -> list[dict]:
     am, ss_first, ss_am = (work / f"{k}.safetensors" for k in ("am", "ss-first", "ss-am"))
     convos = work / "convos.jsonl"
     times["compact"] = run(["compact", str(corpus), "-p", p, "-o", str(am), *model], log)
-    synth = ["synth", str(corpus), "-n", str(args.convos), "-o", str(convos), *model, *args.synth]
+    count = ["-n", str(args.convos)] if args.convos else []
+    synth = ["synth", str(corpus), *count, "-o", str(convos), *model, *args.synth]
     times["synth"] = run(synth, log) if not convos.exists() else float("nan")
     distill = ["distill", str(convos), "-p", p, *model, *args.distill]
-    times["distill first"] = run([*distill, "--init", "corpus", "-o", str(ss_first)], log)
+    carts = [am, ss_am]
+    if not args.skip_first_tokens:
+        times["distill first"] = run([*distill, "--init", "corpus", "-o", str(ss_first)], log)
+        carts.insert(1, ss_first)
     times["distill am"] = run([*distill, "--init", "attention-match", "-o", str(ss_am)], log)
     icl = head_file(corpus, work, FITS) if name == "long" else corpus
     summary = work / "summary.json"
     times["eval"] = run(["eval", str(questions), "--no-context", "--icl", str(icl), "--truncate", p,
-                         "-c", str(am), "-c", str(ss_first), "-c", str(ss_am),
+                         *(arg for c in carts for arg in ("-c", str(c))),
                          "--max-new-tokens", str(args.max_new_tokens), "--summary", str(summary),
                          "-o", str(work / "results.jsonl"), *model], log)
     rows = json.loads(summary.read_text())["methods"]
-    build = {"am": times["compact"], "ss-first": times["synth"] + times["distill first"],
-             "ss-am": times["synth"] + times["distill am"] + times["compact"]}
+    build = {"am": times["compact"], "ss-first": times["synth"] + times.get("distill first", 0),
+             "ss-am": times["synth"] + times["distill am"]}  # distill compacts for itself
     return describe(name, rows, build)
 
 
 def describe(name: str, rows: list[dict], build: dict[str, float]) -> list[dict]:
-    by_kind = {r["kind"]: r for r in rows if r["kind"] in ("no_context", "icl")}
-    none, icl = by_kind["no_context"], by_kind["icl"]
-    gap = none["answer_nll"] - icl["answer_nll"]
+    icl = next(r for r in rows if r["kind"] == "icl")
     per_query_icl = icl["seconds"] / icl["questions"]
     out = []
     for r in rows:
@@ -110,7 +112,7 @@ def describe(name: str, rows: list[dict], build: dict[str, float]) -> list[dict]
         out.append({
             "corpus": name, "method": label, "score": r["score"], "correct": r.get("correct"),
             "questions": r["questions"], "answer_nll": r["answer_nll"],
-            "gap_closed": (none["answer_nll"] - r["answer_nll"]) / gap if gap > 0 else None,
+            "gap_closed": r["nll_gap_closed"],
             "kv_bytes": r["kv_bytes"], "compression": (icl["kv_bytes"] / r["kv_bytes"]) if r["kv_bytes"] else None,
             "build_seconds": cost, "seconds_per_query": r["seconds"] / r["questions"],
             "break_even_queries": (cost / saved) if cost is not None and saved > 0 else None,
@@ -138,13 +140,14 @@ def main() -> None:
     ap.add_argument("--corpora", default=",".join(GENERATED + REAL),
                     help="comma-separated: orbital, meridian, real, needle, long")
     ap.add_argument("--tokens", "-p", type=int, default=128, help="cartridge length p (default 128)")
-    ap.add_argument("--convos", type=int, default=48, help="self-study conversations per corpus")
-    ap.add_argument("--synth", default="--mode sequential --min-tokens 128 --max-tokens 256 "
-                    "--seed-prompts mixed,recall --batch-size 16 --max-tokens-a 64 --max-tokens-b 192",
-                    help="extra cart synth flags")
-    ap.add_argument("--distill", default="--epochs 2 --batch-size 1 --seq-len 1024",
-                    help="extra cart distill flags")
+    ap.add_argument("--convos", type=int, default=None,
+                    help="self-study conversations per corpus (default: cart synth's)")
+    ap.add_argument("--synth", default="", help="extra cart synth flags (default: none, the "
+                    "default recipe)")
+    ap.add_argument("--distill", default="", help="extra cart distill flags (default: none)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--skip-first-tokens", action="store_true",
+                    help="leave out self-study from the first tokens (the old initialisation)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", type=Path, default=Path("bench-quality"))
     args = ap.parse_args()
@@ -155,8 +158,9 @@ def main() -> None:
 
     print(f"# bench/quality.py: {platform.machine()}, {os.cpu_count()} CPUs, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, model "
-          f"{args.model or 'smollm2 (embedded)'}, float32, p={args.tokens}, {args.convos} self-study "
-          f"conversations ({' '.join(args.synth)}; distill {' '.join(args.distill)})", flush=True)
+          f"{args.model or 'smollm2 (embedded)'}, float32, p={args.tokens}, self-study: cart synth "
+          f"{' '.join(args.synth) or '(defaults)'}{f' -n {args.convos}' if args.convos else ''} | "
+          f"cart distill {' '.join(args.distill) or '(defaults)'}", flush=True)
     rows = []
     for name in args.corpora.split(","):
         rows += bench_corpus(name.strip(), args, args.out, log)

@@ -215,7 +215,8 @@ class Cartridge:
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect: ModelIdentity | None = None) -> Cartridge:
-        return cls.from_bytes(read_input_bytes(path, "cartridge file"), str(path), expect)
+        """A cartridge file, ``-`` (stdin), or a PEFT CARTRIDGE adapter folder (converted)."""
+        return cls.from_bytes(read_cartridge_bytes(path, expect), str(path), expect)
 
     @classmethod
     def from_bytes(cls, data: bytes, name: str = "cartridge",
@@ -311,6 +312,24 @@ def decode_metadata(raw: dict[str, str], name: str) -> dict[str, Any]:
 def read_metadata_bytes(data: bytes, name: str) -> dict[str, Any]:
     """Parse and check the header of a cartridge file without building tensors: its structure
     (before anything uses it), its format, and the checksum of the tensor data if it has one."""
+    raw = safetensors_header(data, name).get("__metadata__") or {}
+    fmt = raw.get("format", "")
+    if not fmt.startswith(FORMAT_NAME + "/"):
+        raise CartError(f"{name}: not a cart cartridge (metadata format is {fmt or 'missing'!r})")
+    major = fmt.split("/", 1)[1].split(".", 1)[0]
+    if major not in READABLE_MAJORS:
+        raise CartError(f"{name}: unsupported cartridge format {fmt} (this cart reads "
+                        f"{FORMAT_NAME}/{' and /'.join(READABLE_MAJORS)})")
+    checksum = raw.get(CHECKSUM_KEY)
+    if checksum is not None and checksum != _data_sha256(data):
+        raise CartError(f"{name}: corrupt cartridge file (the tensor data does not match the "
+                        f"checksum in its metadata: damaged or edited)")
+    return decode_metadata(raw, name)
+
+
+def safetensors_header(data: bytes, name: str) -> dict[str, Any]:
+    """The checked header of a safetensors file (a cartridge, or a PEFT adapter's weights):
+    its structure, before anything uses it, and that it describes exactly the bytes given."""
     if len(data) < 8:
         raise CartError(f"{name}: not a cartridge file (empty or truncated)")
     (header_len,) = struct.unpack("<Q", data[:8])
@@ -326,19 +345,7 @@ def read_metadata_bytes(data: bytes, name: str) -> dict[str, Any]:
     if 8 + header_len + end != len(data):
         raise CartError(f"{name}: corrupt cartridge file (expected {8 + header_len + end} bytes, "
                         f"found {len(data)}: truncated?)")
-    raw = header.get("__metadata__") or {}
-    fmt = raw.get("format", "")
-    if not fmt.startswith(FORMAT_NAME + "/"):
-        raise CartError(f"{name}: not a cart cartridge (metadata format is {fmt or 'missing'!r})")
-    major = fmt.split("/", 1)[1].split(".", 1)[0]
-    if major not in READABLE_MAJORS:
-        raise CartError(f"{name}: unsupported cartridge format {fmt} (this cart reads "
-                        f"{FORMAT_NAME}/{' and /'.join(READABLE_MAJORS)})")
-    checksum = raw.get(CHECKSUM_KEY)
-    if checksum is not None and checksum != _data_sha256(data):
-        raise CartError(f"{name}: corrupt cartridge file (the tensor data does not match the "
-                        f"checksum in its metadata: damaged or edited)")
-    return decode_metadata(raw, name)
+    return header
 
 
 def _check_header(header: dict, name: str) -> int:
@@ -405,7 +412,20 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    return read_metadata_bytes(read_input_bytes(path, "cartridge file"), str(path))
+    return read_metadata_bytes(read_cartridge_bytes(path), str(path))
+
+
+def read_cartridge_bytes(path: str | os.PathLike, expect: ModelIdentity | None = None,
+                         declared: bool = False, shown: str | None = None) -> bytes:
+    """The one reader of a cartridge input: the bytes of a cartridge file (``-``: stdin), or
+    of the cartridge a PEFT CARTRIDGE adapter folder holds, converted in memory
+    (``cart.peft_adapter``; ``expect``, ``declared`` and ``shown`` as ``read_adapter`` takes
+    them). Every stage that takes a cartridge reads it here, so each takes an adapter folder."""
+    if str(path) != "-" and os.path.isdir(path):
+        from cart.peft_adapter import read_adapter
+
+        return read_adapter(path, expect, declared, shown).to_bytes()
+    return read_input_bytes(path, "cartridge file")
 
 
 def _one_line(e: BaseException) -> str:

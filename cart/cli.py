@@ -128,7 +128,7 @@ def synth_command(
         help="Corpus files/directories (chunked here, as cart chunk does) or cart.chunk/1 "
              "JSONL files, or - for stdin (either kind).", show_default=False)] = None,
     num_convos: Annotated[Optional[int], _opt(("-n", "--num-convos"),
-                                              "Conversations to generate. [default: 64]")] = None,
+                                              "Conversations to generate. [default: 96]")] = None,
     turns: Annotated[Optional[int], _opt("--turns", "Back-and-forths per conversation "
                                                     "(paper: 1). [default: 1]")] = None,
     seed: Annotated[Optional[int], _opt("--seed", "Random seed: same seed and inputs = same "
@@ -136,15 +136,15 @@ def synth_command(
     seed_prompts: Annotated[Optional[str], _opt(
         "--seed-prompts", "mixed (the paper's five generic types, one per conversation), "
                           "generic (single-prompt ablation), a comma-separated list of types, "
-                          "or a .txt/.jsonl file of your own. [default: mixed]")] = None,
+                          "or a .txt/.jsonl file of your own. [default: mixed,recall]")] = None,
     temperature_a: Annotated[Optional[float], _opt("--temperature-a", "Sampling temperature of A "
                                                    "(the question writer). [default: 0.6]")] = None,
     max_tokens_a: Annotated[Optional[int], _opt("--max-tokens-a", "Token cap of A's messages. "
-                                                "[default: 512]")] = None,
+                                                "[default: 64]")] = None,
     temperature_b: Annotated[Optional[float], _opt("--temperature-b", "Sampling temperature of B "
                                                    "(the answerer; 0 = greedy). [default: 0]")] = None,
     max_tokens_b: Annotated[Optional[int], _opt("--max-tokens-b", "Token cap of B's messages. "
-                                                "[default: 1024]")] = None,
+                                                "[default: 192]")] = None,
     top_k: Annotated[Optional[int], _opt("--top-k", "Teacher log-probs kept per assistant token. "
                                                     "[default: 20]")] = None,
     logprob_mass: Annotated[Optional[float], _opt(
@@ -154,11 +154,11 @@ def synth_command(
     batch_size: Annotated[Optional[int], _opt("--batch-size", "Conversations generated together. "
                                                               "[default: 16]")] = None,
     mode: Annotated[Optional[str], _opt("--mode", "Chunking of corpus inputs: random (one window "
-                                                  "per conversation) or sequential. [default: random]")] = None,
+                                                  "per conversation) or sequential. [default: sequential]")] = None,
     min_tokens: Annotated[Optional[int], _opt("--min-tokens", "Chunking: shortest window. "
-                                                              "[default: 512]")] = None,
+                                                              "[default: 128]")] = None,
     max_tokens: Annotated[Optional[int], _opt("--max-tokens", "Chunking: longest window. "
-                                                              "[default: 4096]")] = None,
+                                                              "[default: 256]")] = None,
     overlap: Annotated[Optional[int], _opt("--overlap", "Chunking (sequential): overlap. "
                                                         "[default: 0]")] = None,
     description: Annotated[Optional[str], _opt("--description", "Chunking: text describing the "
@@ -205,23 +205,26 @@ def distill_command(
     tokens: Annotated[Optional[int], _opt(("-p", "--tokens"), "Cartridge length p in KV positions "
                                           "(the frozen sink included). [default: 512]")] = None,
     init: Annotated[Optional[str], _opt(
-        "--init", "Initial KV: corpus (the model's KV of the corpus's first p tokens), "
+        "--init", "Initial KV: attention-match (the corpus's KV cache compacted to p positions, as "
+                  "cart compact does), corpus (the model's KV of the corpus's first p tokens), "
                   "random-tokens (KV of random token ids), random-vectors (Gaussian), text (KV of "
-                  "--init-text), or a .safetensors cartridge to continue training. [default: corpus]")] = None,
+                  "--init-text), or a .safetensors cartridge (or PEFT adapter folder) to continue "
+                  "training. "
+                  "[default: attention-match]")] = None,
     init_text: Annotated[Optional[str], _opt("--init-text", "The text file --init text "
                                                             "initialises from.")] = None,
     objective: Annotated[Optional[str], _opt(
         "--objective", "kl (distil the stored teacher top-k) or ntp (next-token prediction "
                        "ablation). [default: kl]")] = None,
-    lr: Annotated[Optional[float], _opt("--lr", "Adam learning rate, constant. [default: 0.02]")] = None,
+    lr: Annotated[Optional[float], _opt("--lr", "Adam learning rate, constant. [default: 0.05]")] = None,
     epochs: Annotated[Optional[int], _opt("--epochs", "Passes over the conversations. "
-                                                      "[default: 1]")] = None,
+                                                      "[default: 2]")] = None,
     steps: Annotated[Optional[int], _opt("--steps", "Optimizer steps (overrides --epochs; the "
                                                     "data repeats in fresh shuffles).")] = None,
     batch_size: Annotated[Optional[int], _opt("--batch-size", "Packed rows per optimizer step, "
-                                              "over all processes. [default: 4]")] = None,
+                                              "over all processes. [default: 1]")] = None,
     seq_len: Annotated[Optional[int], _opt("--seq-len", "Tokens per packed row (1 = no packing: "
-                                           "one conversation per row). [default: 2048]")] = None,
+                                           "one conversation per row). [default: 1024]")] = None,
     grad_accum: Annotated[Optional[int], _opt("--grad-accum", "Micro-steps per optimizer step "
                                               "(same result, less memory). [default: 1]")] = None,
     seed: Annotated[Optional[int], _opt("--seed", "Shuffling and random inits. [default: 0]")] = None,
@@ -251,11 +254,11 @@ def distill_command(
     """Train a cartridge on self-study conversations by context distillation."""
     from cart.cartridge import read_metadata
     from cart.config import resolve
-    from cart.distill import DistillConfig, distill
+    from cart.distill import DistillConfig, distill, init_is_cartridge
     from cart.io import Console, check_outputs
 
     console = Console(quiet)
-    if tokens is None and init is not None and init.endswith(".safetensors") and Path(init).is_file():
+    if tokens is None and init is not None and init_is_cartridge(init) and Path(init).exists():
         tokens = read_metadata(init)["p"]  # continue training at the cartridge's own size
     cfg = resolve(DistillConfig, config, "distill", tokens=tokens, init=init, init_text=init_text,
                   objective=objective, lr=lr, epochs=epochs, steps=steps, batch_size=batch_size,
@@ -284,6 +287,9 @@ def compact_command(
                                           "the most the model's context allows]")] = None,
     max_queries: Annotated[Optional[int], _opt("--max-queries", "Reference query vectors per KV "
                                                "head in each layer's fit. [default: 4096]")] = None,
+    biases: Annotated[Optional[bool], _opt("--biases/--no-biases", "Fit a per-key attention "
+                                           "bias too (the transformers engine applies it; vLLM "
+                                           "refuses such cartridges). [default: no-biases]")] = None,
     device: Annotated[Optional[str], _opt("--device", "cpu, cuda, cuda:N or auto. "
                                                       "[default: auto]")] = None,
     output: Annotated[Optional[str], typer.Option(
@@ -300,7 +306,7 @@ def compact_command(
     from cart.io import Console, check_outputs
 
     cfg = resolve(CompactConfig, config, "compact", tokens=tokens, window=window,
-                  max_queries=max_queries, device=device)
+                  max_queries=max_queries, biases=biases, device=device)
     if not inputs:
         if sys.stdin.isatty():
             raise CartError("no input: give corpus files or directories, or - for stdin")
@@ -316,7 +322,8 @@ def eval_command(
     questions: Annotated[str, typer.Argument(
         help="Question set: cart.questions/1 JSONL, or - for stdin.", show_default=False)],
     cartridge: Annotated[Optional[list[str]], typer.Option(
-        "--cartridge", "-c", help="A cartridge to evaluate (repeatable; each is one method).",
+        "--cartridge", "-c", help="A cartridge file or PEFT adapter folder to evaluate "
+                                  "(repeatable; each is one method).",
         show_default=False)] = None,
     icl: Annotated[Optional[list[str]], typer.Option(
         "--icl", help="Corpus for in-context learning, read as cart chunk reads it: a file, a "
@@ -374,8 +381,8 @@ def eval_command(
 @app.command("compose")
 def compose_command(
     cartridges: Annotated[list[str], typer.Argument(
-        help="Two or more cartridge files, in order (the first one's attention sink is kept); "
-             "one of them may be - for stdin.", show_default=False)],
+        help="Two or more cartridge files or PEFT adapter folders, in order (the first one's "
+             "attention sink is kept); one of them may be - for stdin.", show_default=False)],
     output: Annotated[Optional[str], typer.Option(
         "-o", "--output", help="The composed cartridge (.safetensors), written atomically, or - "
                                "for stdout. [default: stdout when it is not a terminal]",
@@ -395,10 +402,41 @@ def compose_command(
     compose_files(cartridges, output, Console(quiet), sinks)
 
 
+@app.command("convert")
+def convert_command(
+    source: Annotated[str, typer.Argument(
+        help="A cart cartridge file (.safetensors; - for stdin) or a PEFT CARTRIDGE adapter "
+             "folder (adapter_config.json + adapter_model.safetensors).", show_default=False)],
+    to: Annotated[Optional[str], _opt("--to", "peft (an adapter folder that PEFT's "
+                                              "PeftModel.from_pretrained loads) or cart (a "
+                                              "cartridge file). [default: the other format]")] = None,
+    output: Annotated[Optional[str], typer.Option(
+        "-o", "--output", help="--to peft: the adapter folder, built beside it and renamed into "
+                               "place. --to cart: the cartridge file, written atomically, or - "
+                               "for stdout. [default: stdout when it is not a terminal]",
+        show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="The base model: the cartridge is checked against it, and an "
+                              "adapter's base_model_name_or_path is taken from it (PEFT to "
+                              "cart: when the adapter's own base model is not found locally). "
+                              "[default: the model the input names]", show_default=False)] = None,
+    quiet: QuietOpt = False,
+):
+    """Convert a cartridge to a Hugging Face PEFT CARTRIDGE adapter folder, or back."""
+    from cart.convert import convert
+    from cart.io import Console
+
+    to_cart = to == "cart" or (to is None and source != "-" and Path(source).is_dir())
+    if to_cart and output is None and sys.stdout.isatty():
+        raise CartError("no output: give -o FILE (a cartridge is not written to a terminal)")
+    convert(source, output, to, model, Console(quiet))
+
+
 @app.command("info")
 def info_command(
-    cartridge: Annotated[str, typer.Argument(help="A cartridge file (.safetensors), or - for "
-                                                  "stdin.", show_default=False)],
+    cartridge: Annotated[str, typer.Argument(help="A cartridge file (.safetensors), a PEFT "
+                                                  "adapter folder, or - for stdin.",
+                                             show_default=False)],
     model: Annotated[Optional[str], typer.Option(
         "--model", "-m", help="Also check that the cartridge fits this model (refused if not).",
         show_default=False)] = None,
@@ -420,8 +458,9 @@ def info_command(
 @app.command("serve")
 def serve_command(
     cartridges: Annotated[Optional[str], _opt("--cartridges", "Directory of cartridges "
-                                              "(.safetensors); a request names one by its file name "
-                                              "without the extension. Files added or replaced "
+                                              "(.safetensors, or PEFT adapter folders); a request "
+                                              "names one by its file name without the extension "
+                                              "(or its folder name). Files added or replaced "
                                               "later are picked up without a restart.")] = None,
     model: ModelOpt = None,
     host: Annotated[Optional[str], _opt("--host", "Address to listen on; 0.0.0.0 opens the "

@@ -58,7 +58,7 @@ class CompactionConfig:
     ridge: float = 1e-2
     nnls_iters: int = 300
     seed: int = 0
-    bias: bool = True  # False: no per-key biases (the ablation; mass is then not matched)
+    bias: bool = True  # False: no per-key biases (mass is then not matched; servable by vLLM)
     on_policy: bool = True  # False: every layer fitted to the queries of the original prefix
     select: str = "max"  # key ranking: highest attention of any query (max), rms or mean attention
     bias_bound: float = 3.0  # biases are kept in [-bound, bound] (weights e^-b..e^b)
@@ -90,7 +90,8 @@ def compact(model: Any, prefix_ids: Sequence[int], queries: Sequence[Sequence[in
     """A cartridge of ``cfg.tokens`` positions per layer standing for the KV cache of
     ``prefix_ids`` (T tokens, the first a sink), fitted to the reference query sequences
     ``queries`` (token ids that follow the prefix). ``query_position`` is T; per-layer biases
-    ``[kv_heads, p]``. Runs in the model's device, fitting in float32/float64."""
+    ``[kv_heads, p]`` (none when ``cfg.bias`` is off). Runs in the model's device, fitting in
+    float32/float64."""
     import torch
 
     from cart.cartridge import Cartridge
@@ -133,7 +134,7 @@ def compact(model: Any, prefix_ids: Sequence[int], queries: Sequence[Sequence[in
         keys=[k[:, 1:].to(dtype).contiguous() for k, _ in fitter.layers],
         values=[v[:, 1:].to(dtype).contiguous() for _, v in fitter.layers],
         metadata={"query_position": t},
-        biases=[b.float().cpu() for b in fitter.biases])
+        biases=[b.float().cpu() for b in fitter.biases] if cfg.bias else None)
     return cart
 
 
@@ -206,11 +207,12 @@ def fit_head_group(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tens
     kept_keys = torch.gather(k32, 1, index.unsqueeze(-1).expand(-1, -1, k32.shape[-1]))
     del weights
     kept_scores = torch.matmul(queries, kept_keys.transpose(1, 2)).mul_(scale).sub_(shift)  # [H, N, p]
-    bound = math.exp(cfg.bias_bound)
-    w = nnls(kept_scores[:, :, 1:].exp(), mass - sink, cfg.nnls_iters, 1 / bound, bound)  # [H, p-1]
-    if not cfg.bias:
-        w = torch.ones_like(w)
-    bias = torch.cat([torch.zeros_like(w[:, :1]), torch.log(w)], dim=1).float()
+    if cfg.bias:
+        bound = math.exp(cfg.bias_bound)
+        w = nnls(kept_scores[:, :, 1:].exp(), mass - sink, cfg.nnls_iters, 1 / bound, bound)  # [H, p-1]
+        bias = torch.cat([torch.zeros_like(w[:, :1]), torch.log(w)], dim=1).float()
+    else:
+        bias = torch.zeros(kept_keys.shape[:2], device=kept_keys.device)
     probs = torch.softmax(kept_scores + bias.unsqueeze(1), dim=-1)  # [H, N, p]
     residual = target - probs[:, :, :1] * v32[:, :1]  # the sink's part is fixed
     # ridge toward each kept key's own value: a key few reference queries attend to keeps

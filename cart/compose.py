@@ -21,8 +21,8 @@ from __future__ import annotations
 import hashlib
 from typing import Sequence
 
-from cart.cartridge import Cartridge
-from cart.io import CartError, Console, check_stdin_once, display_name, read_input_bytes
+from cart.cartridge import Cartridge, read_cartridge_bytes
+from cart.io import CartError, Console, check_stdin_once, display_name
 
 # metadata a composed cartridge takes from its first part (identical in every part)
 _SHARED_KEYS = ("base_model", "model_config_hash", "tokenizer_hash")
@@ -32,11 +32,12 @@ SINKS = ("one", "all")
 
 
 def compose(paths: Sequence[str], sinks: str = "one") -> Cartridge:
-    """Compose cartridge files (one of them may be ``-``, stdin)."""
+    """Compose cartridge files (one of them may be ``-``, stdin; any may be a PEFT adapter
+    folder)."""
     check_stdin_once(paths)
     parts: list[tuple[str, Cartridge, str]] = []
     for path in paths:
-        data = read_input_bytes(path, "cartridge file")
+        data = read_cartridge_bytes(path)
         name = display_name(path)
         parts.append((name, Cartridge.from_bytes(data, name), hashlib.sha256(data).hexdigest()))
     return compose_parts(parts, sinks)

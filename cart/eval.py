@@ -107,9 +107,9 @@ def build_methods(engine, *, no_context: bool, icl: Sequence[str], truncate: Seq
                                   info={"corpus_tokens": n}))
     names = [_cartridge_name(p, cartridges) for p in cartridges]
     for path, name in zip(cartridges, names):
-        from cart.cartridge import Cartridge
+        from cart.cartridge import Cartridge, read_cartridge_bytes
 
-        data = read_input_bytes(path, "cartridge file")
+        data = read_cartridge_bytes(path, engine.identity)
         cart = Cartridge.from_bytes(data, path, engine.identity)
         digest = hashlib.sha256(data).hexdigest()
         methods.append(Method(name, "cartridge", cart.num_tokens, path,
@@ -123,7 +123,8 @@ def build_methods(engine, *, no_context: bool, icl: Sequence[str], truncate: Seq
 
 
 def _cartridge_name(path: str, all_paths: Sequence[str]) -> str:
-    """The file's stem, or its path when two cartridges share a stem."""
+    """The file's stem (an adapter folder's name), or its path when two cartridges share a
+    stem."""
     stem = Path(path).name.removesuffix(".safetensors")
     same = [p for p in all_paths if Path(p).name.removesuffix(".safetensors") == stem]
     return stem if len(same) == 1 else str(path)
@@ -405,6 +406,7 @@ def evaluate(questions_path: str, cfg: EvalConfig, model: str | None, *, no_cont
                     progress.update(task, advance=len(rec["rows"]), status=m.name)
                 summaries.append(summarize(m, rows, stats, bytes_per_token, icl_tokens))
                 all_rows.extend(rows)
+        add_gap_closed(summaries)
     finally:
         if sink is not None:
             sink.close()
@@ -433,20 +435,36 @@ def evaluate(questions_path: str, cfg: EvalConfig, model: str | None, *, no_cont
     return summaries
 
 
+def add_gap_closed(summaries: list[dict[str, Any]]) -> None:
+    """Each method's ``nll_gap_closed``: the fraction of the no-context -> ICL answer-NLL gap it
+    closes (0 = no context, 1 = ICL), when the run has both (the first ICL method) and ICL is
+    better; else None."""
+    first = {}
+    for s in summaries:
+        first.setdefault(s["kind"], s["answer_nll"])
+    none, icl = first.get("no_context"), first.get("icl")
+    for s in summaries:
+        s["nll_gap_closed"] = (round((none - s["answer_nll"]) / (none - icl), 4)
+                               if none is not None and icl is not None and none > icl else None)
+
+
 def format_table(summaries: list[dict[str, Any]]) -> str:
     """The side-by-side table (plain text, fixed columns)."""
     head = (f"{'method':24} {'KV tokens':>9} {'KV memory':>10} {'vs ICL':>7} {'score':>13} "
-            f"{'NLL/token':>9} {'ppl':>7} {'tok/s':>6}")
+            f"{'NLL/token':>9} {'gap':>5} {'ppl':>7} {'tok/s':>6}")
     lines = [head, "-" * len(head)]
     for s in summaries:
         ratio = f"{s['compression_vs_icl']:g}x" if s["compression_vs_icl"] else "-"
         score = (f"{s['score']:.3f} ({_num(s['correct'])}/{s['scored']})" if s["score"] is not None
                  else "-")
         tps = f"{s['tokens_per_s']:.0f}" if s["tokens_per_s"] else "-"
+        gap = f"{100 * s['nll_gap_closed']:.0f}%" if s.get("nll_gap_closed") is not None else "-"
         lines.append(f"{s['method'][:24]:24} {s['kv_tokens']:9d} {human_bytes(s['kv_bytes']):>10} "
-                     f"{ratio:>7} {score:>13} {s['answer_nll']:9.3f} "
+                     f"{ratio:>7} {score:>13} {s['answer_nll']:9.3f} {gap:>5} "
                      f"{s['answer_perplexity']:7.1f} {tps:>6}")
-    return "\n".join(lines) + "\n"
+    gaps = any(s.get("nll_gap_closed") is not None for s in summaries)
+    return ("\n".join(lines) + "\n"
+            + ("gap: the fraction of the no-context -> ICL answer-NLL gap closed\n" if gaps else ""))
 
 
 def _num(x: float) -> str:

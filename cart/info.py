@@ -9,27 +9,27 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from cart.cartridge import Cartridge, kv_bytes_per_token
+from cart.cartridge import Cartridge, kv_bytes_per_token, read_cartridge_bytes
 from cart.io import human_bytes
 
 
 def cartridge_info(path: str | os.PathLike, model: str | None = None) -> dict[str, Any]:
     """Metadata plus sizes, as a JSON-ready dict. With ``model``, checks compatibility.
-    ``path`` may be ``-`` (stdin)."""
-    from cart.io import Console, display_name, read_input_bytes
+    ``path`` may be ``-`` (stdin) or a PEFT adapter folder."""
+    from cart.io import Console, display_name
 
     expect = None
     if model is not None:
         from cart.models import ModelIdentity, resolve_model
 
         expect = ModelIdentity.of(resolve_model(model, Console(quiet=True)))
-    data = read_input_bytes(path, "cartridge file")
+    data = read_cartridge_bytes(path, expect)
     cart = Cartridge.from_bytes(data, display_name(path), expect)
     md = cart.metadata
     per_token = kv_bytes_per_token(cart.num_layers, cart.kv_heads, cart.head_dim, cart.dtype)
     info: dict[str, Any] = {
         "file": display_name(path),
-        "file_bytes": len(data),
+        "file_bytes": _adapter_bytes(path) if _is_folder(path) else len(data),
         "kv_bytes": cart.kv_bytes(),
         "kv_bytes_per_token": per_token,
     }
@@ -39,8 +39,26 @@ def cartridge_info(path: str | os.PathLike, model: str | None = None) -> dict[st
         info["compression_ratio"] = round(corpus_tokens / cart.num_tokens, 2)
     if expect is not None:
         info["compatible_with"] = expect.model_id
+    if (md.get("init") or {}).get("kind") == "peft":  # what PEFT does not record stays unknown
+        info["unknown"] = [k for k in UNKNOWN_IN_PEFT if k not in md]
     info["metadata"] = md
     return info
+
+
+# what a cartridge PEFT made cannot tell (it records the KV and the base model only)
+UNKNOWN_IN_PEFT = ("corpus_hash", "corpus_tokens", "corpus_paths", "synth", "training", "steps",
+                   "tokens", "loss")
+
+
+def _is_folder(path: str | os.PathLike) -> bool:
+    return str(path) != "-" and os.path.isdir(path)
+
+
+def _adapter_bytes(path: str | os.PathLike) -> int:
+    """The bytes of a PEFT adapter folder's files."""
+    from cart.peft_adapter import CONFIG_FILE, WEIGHTS_FILE
+
+    return sum(os.path.getsize(os.path.join(path, f)) for f in (CONFIG_FILE, WEIGHTS_FILE))
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -59,6 +77,8 @@ def format_info(info: dict[str, Any]) -> str:
         rows.append(("compression", f"{info['compression_ratio']}x smaller than the corpus's KV cache"))
     if "compatible_with" in info:
         rows.append(("compatible with", info["compatible_with"]))
+    for key in info.get("unknown", ()):
+        rows.append((key, "unknown (not recorded in the PEFT adapter)"))
     for key in sorted(md):
         value = md[key]
         if isinstance(value, (dict, list)):

@@ -383,6 +383,66 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """An output folder name that can be written: not an existing file, in a directory that
+    exists and takes new entries (probed, as ``check_output_path`` does for files)."""
+    if str(path) == STDIO:
+        raise CartError("-o -: this output is a folder, which cannot go to stdout; give -o DIR")
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise CartError(f"{path}: is a file, expected an output folder name")
+    parent = target.absolute().parent
+    if not parent.is_dir():
+        raise CartError(f"{path}: directory {parent} does not exist")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise CartError(f"{path}: cannot write in directory {parent}: {e.strerror}") from None
+    return target
+
+
+def write_folder(path: str | os.PathLike, files: dict[str, bytes]) -> None:
+    """Write ``files`` (name -> bytes) as the folder ``path``, atomically: they are built in a
+    temporary folder beside it, fsynced, and renamed into place only when complete. An existing
+    folder at ``path`` is replaced only then (renamed aside, the new one renamed in, the old
+    one removed; put back if the rename fails), so a failed run leaves it untouched."""
+    import shutil
+
+    target = check_output_dir(path).absolute()
+    parent = target.parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    old = None
+    try:
+        with _write_errors(path):
+            os.chmod(tmp, 0o777 & ~_umask())
+            for name, data in files.items():
+                with open(tmp / name, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            if target.is_dir():
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
+                os.replace(target, old)  # onto the empty folder just made: an atomic swap-out
+                try:
+                    os.replace(tmp, target)
+                except BaseException:
+                    os.replace(old, target)
+                    old = None
+                    raise
+            else:
+                os.replace(tmp, target)
+    finally:
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def human_bytes(n: int) -> str:
     """``1536`` -> ``1.5 KiB``: sizes for people (tables, listings)."""
     for unit in ("B", "KiB", "MiB", "GiB"):

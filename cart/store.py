@@ -1,6 +1,8 @@
 """The cartridge store of ``cart serve``: the cartridges of one directory, by name.
 
-A cartridge's name is its file name without ``.safetensors``. Names come from requests, so a
+A cartridge's name is its file name without ``.safetensors``, or the name of a PEFT CARTRIDGE
+adapter folder in the directory (converted on load, as every stage reads one; its files must
+lie inside the directory too). Names come from requests, so a
 name must match a pattern with no separators (and no leading dot) before it is joined to the
 directory, and the file it names must resolve to a regular file directly inside the directory:
 no ``..``, no symlink leaving it. A symlink to a file of the directory is served under its
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cart.io import CartError
+from cart.peft_adapter import CONFIG_FILE, WEIGHTS_FILE, is_adapter_dir
 
 log = logging.getLogger("cart.serve")
 
@@ -64,21 +67,43 @@ class CartridgeStore:
     # -- what is there ---------------------------------------------------------------------
     def _file(self, name: Any) -> Path | None:
         """The file holding cartridge ``name``: a regular file directly inside the directory
-        (the name pattern has no separators; a symlink out of the directory does not count)."""
+        (the name pattern has no separators; a symlink out of the directory does not count),
+        or else a PEFT adapter folder of that name directly inside it."""
         if not isinstance(name, str) or not _NAME.match(name):
             return None
-        path = self.directory / (name + SUFFIX)
-        try:
-            real = path.resolve(strict=True)
-        except OSError:
-            return None
-        return path if real.parent == self._root and real.is_file() else None
+        for path, usable in ((self.directory / (name + SUFFIX), Path.is_file),
+                             (self.directory / name, is_adapter_dir)):
+            try:
+                real = path.resolve(strict=True)
+            except OSError:
+                continue
+            if real.parent == self._root and usable(real):
+                return path
+        return None
+
+    def _stamp(self, path: Path) -> tuple[int, int]:
+        """(size, mtime_ns) of a cartridge file, or summed and latest over an adapter folder's
+        files (which must lie inside the directory). OSError if it is gone."""
+        if not path.is_dir():
+            st = path.stat()
+            return st.st_size, st.st_mtime_ns
+        size = mtime = 0
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            part = path / name
+            if part.exists() and not part.resolve().is_relative_to(self._root):
+                raise PermissionError(f"{path.name}/{name} leads out of the cartridge directory")
+            st = part.stat() if part.exists() else None
+            if st is not None:
+                size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
+        return size, mtime
 
     def entries(self) -> list[Entry]:
         """The usable cartridges now, by name (loading or checking the new and changed ones)."""
         out = []
-        for name in sorted(p.name[: -len(SUFFIX)] for p in self.directory.iterdir()
-                           if p.name.endswith(SUFFIX)):
+        names = {p.name[: -len(SUFFIX)] if p.name.endswith(SUFFIX) else p.name
+                 for p in self.directory.iterdir()
+                 if p.name.endswith(SUFFIX) or is_adapter_dir(p)}
+        for name in sorted(names):
             try:
                 out.append(self.entry(name))
             except UnknownCartridge:
@@ -101,19 +126,20 @@ class CartridgeStore:
 
     def entry(self, name: str) -> Entry:
         """The store's entry for ``name`` (cartridge, bytes, file stamp, sha256)."""
-        from cart.cartridge import Cartridge
+        from cart.cartridge import Cartridge, read_cartridge_bytes
 
         path = self._file(name)
         try:
-            st = path.stat() if path is not None else None
+            stamp = self._stamp(path) if path is not None else None
+        except PermissionError as e:  # an adapter folder's file linked out of the directory
+            self._reject(name, (0, 0), f"{e.args[0]} (links out of it are not served)")
         except OSError:  # removed since
-            st = None
-        if st is None:
+            stamp = None
+        if stamp is None:
             with self._lock:
                 self._loaded.pop(name, None)
             self._refuse_link(name)
             raise UnknownCartridge(f"no cartridge named {name!r}")
-        stamp = (st.st_size, st.st_mtime_ns)
         with self._lock:
             entry = self._loaded.get(name)
             if entry is not None and entry.stamp == stamp:
@@ -124,7 +150,7 @@ class CartridgeStore:
                 raise UnknownCartridge(f"cartridge {name!r} is unusable: {bad[1]}")
         try:
             try:
-                data = path.read_bytes()
+                data = read_cartridge_bytes(path, self.identity, shown=path.name)
             except OSError as e:
                 raise CartError(f"cannot read it ({e.strerror})") from None
             cart = Cartridge.from_bytes(data, path.name, self.identity)
@@ -159,9 +185,13 @@ class CartridgeStore:
         with a reason; a plain missing name just is not there."""
         if not isinstance(name, str) or not _NAME.match(name):
             return
-        try:
-            st = (self.directory / (name + SUFFIX)).lstat()
-        except OSError:
+        for candidate in (self.directory / (name + SUFFIX), self.directory / name):
+            try:
+                st = candidate.lstat()
+            except OSError:
+                continue
+            break
+        else:
             return
         if stat.S_ISLNK(st.st_mode):
             self._reject(name, (st.st_size, st.st_mtime_ns), "a symbolic link that does not lead "
@@ -175,10 +205,10 @@ class CartridgeStore:
         for name, entry in loaded:
             path = self._file(name)
             try:
-                st = path.stat() if path is not None else None
+                stamp = self._stamp(path) if path is not None else None
             except OSError:
-                st = None
-            if st is None or (st.st_size, st.st_mtime_ns) != entry.stamp:
+                stamp = None
+            if stamp != entry.stamp:
                 with self._lock:
                     if self._loaded.get(name) is entry:
                         del self._loaded[name]

@@ -244,11 +244,15 @@ def test_windows_join_into_one_cartridge(tiny):
 
     model, tok, _ = tiny
     corpus = tok(TRAINING_TEXT * 3, add_special_tokens=False)["input_ids"]
-    cart = compact_ids(model, tok, corpus, CompactConfig(tokens=16, window=len(corpus) // 3 + 1),
+    window = len(corpus) // 3 + 1
+    cart = compact_ids(model, tok, corpus, CompactConfig(tokens=16, window=window, biases=True),
                        Console(True))
     assert cart.num_tokens == 16 and cart.metadata["init"]["windows"] == 3
     # queries start after a window's turn, not after the whole corpus
     assert cart.biases is not None and len(corpus) // 3 < cart.query_position < len(corpus)
+    plain = compact_ids(model, tok, corpus, CompactConfig(tokens=16, window=window), Console(True))
+    assert plain.biases is None and plain.format == "cart.cartridge/1"  # the default: no biases
+    assert plain.query_position == cart.query_position
 
 
 def test_cart_compact_cli(run_cart, tiny_model, tmp_path):
@@ -262,6 +266,11 @@ def test_cart_compact_cli(run_cart, tiny_model, tmp_path):
     cart = Cartridge.load(out)
     assert cart.num_tokens == 8 and cart.metadata["init"]["kind"] == "attention-match"
     assert cart.metadata["corpus_tokens"] > 8 and cart.query_position > 8
+    assert cart.biases is None and cart.metadata["init"]["biases"] is False
+    biased = tmp_path / "biased.safetensors"
+    proc = run_cart("compact", corpus, "-p", "8", "--biases", "-o", biased, "--model", tiny_model)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert Cartridge.load(biased).biases is not None
     before = out.read_bytes()
     proc = run_cart("compact", corpus, "-p", "5000", "-o", out, "--model", tiny_model)
     assert one_line_error(proc).endswith("tokens (lower -p)") and out.read_bytes() == before

@@ -121,7 +121,8 @@ def trainable(tiny, convos, p: int, objective: str = "kl"):
     model = load_model(resolve_model(str(model_dir)))
     model.set_attn_implementation("sdpa")
     data = load_conversations([str(convos)], Console(True))
-    cart, info = initial_cartridge(DistillConfig(tokens=p), data, model, tok, identity, Console(True))
+    cart, info = initial_cartridge(DistillConfig(tokens=p, init="corpus"), data, model, tok, identity,
+                                   Console(True))
     assert info["kind"] == "corpus"
     return model, tok, data, _module_class()(cart, model, objective, "float32")
 
@@ -207,9 +208,11 @@ def sharp_tiny(tmp_path_factory):
     return model_dir, tok, identity, head
 
 
-def test_cli_learns_a_fact_and_keeps_the_sink(tmp_path, sharp_tiny, run_cart):
+@pytest.mark.parametrize("init", ["corpus", "attention-match"])
+def test_cli_learns_a_fact_and_keeps_the_sink(tmp_path, sharp_tiny, run_cart, init):
     """Distilled on one Q/A, the cartridge makes the model answer it; the sink is bit-identical
-    to the initial one and the trainable part moved."""
+    to the initial one and the trainable part moved. From either start (attention-match is the
+    default: its queries sit at the compacted corpus's query_position)."""
     from cart.distill import DistillConfig, initial_cartridge, load_conversations
     from cart.io import Console
     from cart.engines.base import GenerationRequest, KVPrefix
@@ -218,33 +221,35 @@ def test_cli_learns_a_fact_and_keeps_the_sink(tmp_path, sharp_tiny, run_cart):
     model_dir, tok, identity, head = sharp_tiny
     path = write_convos(tmp_path / "fact.jsonl", [convo_record(tok, identity, FACT_Q, FACT_A, head=head)])
     out = tmp_path / "fact.safetensors"
+    chosen = [] if init == "attention-match" else ["--init", init]
     proc = run_cart("distill", path, "-m", model_dir, "-p", 8, "--steps", 100, "--lr", 0.2,
-                    "--dtype", "float32", "-o", out)
+                    "--dtype", "float32", *chosen, "-o", out)
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout == b"" and not (tmp_path / "fact.safetensors.ckpt").exists()
     trained = load(out)
     engine = TransformersEngine.load(str(model_dir))
     model = engine.model
-    init, _ = initial_cartridge(DistillConfig(tokens=8), load_conversations([str(path)], Console(True)),
-                                model, tok, identity, Console(True))
-    for a, b in zip(trained.frozen_keys + trained.frozen_values, init.frozen_keys + init.frozen_values):
+    start, _ = initial_cartridge(DistillConfig(tokens=8, init=init),
+                                 load_conversations([str(path)], Console(True)), model, tok,
+                                 identity, Console(True))
+    for a, b in zip(trained.frozen_keys + trained.frozen_values, start.frozen_keys + start.frozen_values):
         assert torch.equal(a, b)
-    assert any(not torch.equal(a, b) for a, b in zip(trained.keys, init.keys))
+    assert any(not torch.equal(a, b) for a, b in zip(trained.keys, start.keys))
+    assert trained.query_position == start.query_position
 
     def answer(cart):
         from cart.chat import render_ids
 
         ids, _ = render_ids(tok, [{"role": "user", "content": FACT_Q}], True)
-        prefix = None if cart is None else KVPrefix(
-            "c", [cart.layer(i) for i in range(cart.num_layers)], cart.num_tokens)
+        prefix = None if cart is None else KVPrefix.of_cartridge(cart, "c")
         (out,) = engine.generate([GenerationRequest(ids, 12, kv_prefix=prefix)], seed=0)
         return tok.decode(out.token_ids, skip_special_tokens=True)
 
     assert "forty two" in answer(trained)
-    assert "forty two" not in answer(init)
+    assert "forty two" not in answer(start)
     assert "forty two" not in answer(None)
     md = trained.metadata
-    assert md["init"]["kind"] == "corpus" and md["steps"] == 100 and md["loss"] < 1.0
+    assert md["init"]["kind"] == init and md["steps"] == 100 and md["loss"] < 1.0
     assert md["training"]["lr"] == 0.2 and md["corpus_hash"] == "feedfacecafebeef"
 
 
@@ -404,6 +409,9 @@ def test_bad_targets_are_named(tmp_path, tiny, run_cart):
 def test_p_larger_than_the_init_text(tmp_path, tiny, convos, run_cart):
     model_dir, tok, _, head = tiny
     err = one_line_error(run_cart("distill", convos, "-m", model_dir, "-p", 500))
+    assert err == (f"cart: error: --init attention-match: the corpus has {len(head)} tokens, fewer "
+                   "than -p/--tokens 500 (lower -p)")
+    err = one_line_error(run_cart("distill", convos, "-m", model_dir, "-p", 500, "--init", "corpus"))
     assert err == (f"cart: error: --init corpus: the corpus provides {len(head)} tokens, fewer than "
                    "-p/--tokens 500 (lower -p, or --init random-tokens)")
     text = tmp_path / "short.txt"
@@ -418,6 +426,10 @@ def test_no_corpus_head_says_what_to_do(tmp_path, tiny, run_cart):
     model_dir, tok, identity, _ = tiny
     path = write_convos(tmp_path / "nohead.jsonl", [convo_record(tok, identity, FACT_Q, FACT_A)])
     err = one_line_error(run_cart("distill", path, "-m", model_dir, "-p", 6))
+    assert err == ("cart: error: --init attention-match: the conversations carry no corpus (cart "
+                   "synth stores it in conversation 0 when it reads the corpus or a chunk that "
+                   "starts it); use --init random-tokens")
+    err = one_line_error(run_cart("distill", path, "-m", model_dir, "-p", 6, "--init", "corpus"))
     assert "carry no corpus head" in err and "--init text --init-text CORPUS" in err
 
 
@@ -426,7 +438,9 @@ def test_no_corpus_head_says_what_to_do(tmp_path, tiny, run_cart):
     (["--lr", "0"], "--lr must be a positive number, got 0.0"),
     (["--lr", "3e38"], "--lr must be at most 100.0, got 3e+38"),
     (["--objective", "mse"], "--objective must be one of kl, ntp, got 'mse'"),
-    (["--init", "zeros"], "--init must be attention-match, corpus, random-tokens, random-vectors, text or a .safetensors"),
+    (["--init", "zeros"], "--init must be attention-match, corpus, random-tokens, random-vectors, "
+                          "text, a .safetensors cartridge file or a PEFT cartridge adapter folder, "
+                          "got 'zeros'"),
     (["--init", "text"], "--init text needs --init-text FILE"),
     (["--batch-size", "3", "--grad-accum", "2"], "--batch-size (3) must be a multiple of --grad-accum (2)"),
     (["--init", "missing.safetensors"], "missing.safetensors: no such cartridge file"),
@@ -478,7 +492,7 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny, convos, cart_home):
     """Same global batch (4 rows): 2 gloo processes x 1 micro-step == 1 process x 2 micro-steps."""
     model_dir = tiny[0]
     common = [str(convos), "-m", str(model_dir), "-p", "6", "--steps", "5", "--batch-size", "4",
-              "--seq-len", "30", "--dtype", "float32"]
+              "--seq-len", "30", "--dtype", "float32", "--init", "corpus"]
     one = tmp_path / "one.safetensors"
     subprocess.run([str(CART), "distill", *common, "--grad-accum", "2", "-o", str(one)], check=True,
                    env=env_for(cart_home), capture_output=True)

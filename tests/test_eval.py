@@ -104,6 +104,32 @@ def test_all_methods_side_by_side(files, run_cart, tmp_path):
         assert m["tokens_per_s"] > 0 and set(m["by_metric"]) == {"contains", "exact", "token_f1",
                                                                  "multiple_choice", "chrf"}
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    none, icl_nll = per["no context"]["answer_nll"], per["ICL"]["answer_nll"]
+    for m in per.values():  # this run has both ends of the gap
+        expected = round((none - m["answer_nll"]) / (none - icl_nll), 4) if none > icl_nll else None
+        assert m["nll_gap_closed"] == expected
+
+
+def test_the_gap_closed_is_measured_between_no_context_and_icl():
+    from cart.eval import add_gap_closed, format_table
+
+    def method(name, kind, nll):
+        return {"method": name, "kind": kind, "answer_nll": nll, "kv_tokens": 0, "kv_bytes": 0,
+                "compression_vs_icl": None, "score": None, "scored": 0, "correct": 0,
+                "answer_perplexity": 1.0, "tokens_per_s": None}
+
+    rows = [method("no context", "no_context", 6.0), method("ICL", "icl", 2.0),
+            method("ICL first 8", "truncated_icl", 5.0), method("c", "cartridge", 3.0),
+            method("better", "cartridge", 1.0)]
+    add_gap_closed(rows)
+    assert [r["nll_gap_closed"] for r in rows] == [0.0, 1.0, 0.25, 0.75, 1.25]
+    table = format_table(rows).splitlines()
+    assert table[0].split()[-4:] == ["NLL/token", "gap", "ppl", "tok/s"]
+    assert " 75% " in table[5] and table[-1].startswith("gap: the fraction of the no-context")
+    for kept in (rows[:1], rows[1:], [method("ICL", "icl", 7.0), *rows[:1]]):
+        add_gap_closed(kept)  # an end missing, or ICL no better than no context: no gap
+        assert all(r["nll_gap_closed"] is None for r in kept)
+        assert not format_table(kept).splitlines()[-1].startswith("gap:")
 
 
 def test_batching_changes_nothing(files, run_cart):
@@ -124,7 +150,7 @@ def test_table_and_stdin(files, run_cart):
     assert proc.returncode == 0, proc.stderr.decode()
     lines = proc.stderr.decode().splitlines()
     assert lines[0].split() == ["method", "KV", "tokens", "KV", "memory", "vs", "ICL", "score",
-                                "NLL/token", "ppl", "tok/s"]
+                                "NLL/token", "gap", "ppl", "tok/s"]
     assert lines[2].startswith("no context ") and lines[3].startswith("small ")
     assert " 8 " in lines[3] and "4.0 KiB" in lines[3]  # 8 tokens x 512 bytes
     assert len(proc.stdout.splitlines()) == 14

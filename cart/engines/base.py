@@ -155,9 +155,8 @@ def eos_token_ids(eos: int | list[int] | None, tokenizer: Any) -> set[int]:
 class Engine:
     """What the self-study algorithm needs from a model runtime."""
 
-    model_id: str
     tokenizer: Any
-    identity: Any  # cart.models.ModelIdentity
+    identity: Any  # cart.models.ModelIdentity (its model_id names the model)
     eos_token_ids: set[int]
     max_context: int
 

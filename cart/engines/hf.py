@@ -42,7 +42,6 @@ class TransformersEngine(Engine):
         self._prefix_layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.tokenizer = tokenizer
         self.identity = identity
-        self.model_id = identity.model_id
         self.eos_token_ids = eos_token_ids(
             model.generation_config.eos_token_id if model.generation_config else None, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids)

@@ -51,35 +51,6 @@ def _defaults_for_cpu() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
 
 
-def rotate_keys(config: Any, keys: Any, shift: int) -> Any:
-    """Keys ``[..., n, head_dim]`` stored post-RoPE, moved ``shift`` positions later. RoPE
-    scores depend only on query-key distance, so a composed cartridge (queries at its
-    ``query_position`` q < its length n) is exact in vLLM, which puts the first query at n,
-    once every key is moved n - q positions on."""
-    import importlib
-
-    import torch
-
-    if shift == 0:
-        return keys
-    kind = config.model_type
-    try:
-        module = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
-        rope_class = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
-    except (ImportError, StopIteration):
-        raise CartError(f"cannot place a composed cartridge in vLLM: no rotary embedding found for "
-                        f"model type {kind!r}") from None
-    rope = rope_class(config=config)
-    if float(getattr(rope, "attention_scaling", 1.0)) != 1.0:
-        raise CartError(f"cannot place a composed cartridge in vLLM: {kind}'s RoPE scales attention")
-    x = keys.float()
-    cos, sin = rope(x, torch.tensor([[shift]]))
-    cos, sin = cos[0, 0], sin[0, 0]  # [head_dim]
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(keys.dtype)
-
-
 def first_loop_cut(tokens: list[int]) -> int | None:
     """Where the transformers engine, checking after every token, would have cut a looping
     generation (None: it never loops): the same rule applied to vLLM's finished output."""
@@ -105,7 +76,6 @@ class VLLMEngine(Engine):
         self.llm = llm
         self.tokenizer = tokenizer
         self.identity = identity
-        self.model_id = identity.model_id
         self.config = config
         self.spool = spool
         self.max_context = max_context
@@ -180,6 +150,7 @@ class VLLMEngine(Engine):
         from safetensors.torch import save_file
 
         from cart.engines.vllm_connector import cartridge_salt
+        from cart.kvcache import move_keys
 
         if kv_prefix.bias is not None:
             raise CartError(BIAS_REFUSED)
@@ -190,7 +161,7 @@ class VLLMEngine(Engine):
         shift = kv_prefix.tokens - kv_prefix.first_position
         tensors, digest = {}, hashlib.sha256()
         for i, (k, v) in enumerate(kv_prefix.kv):
-            k = rotate_keys(self.config, k.detach().to("cpu", torch.float32), shift)
+            k = move_keys(self.config, k.detach().to("cpu", torch.float32), shift)
             for name, t in ((f"k.{i}", k), (f"v.{i}", v.detach().to("cpu", torch.float32))):
                 t = t.transpose(0, 1).contiguous()  # [p, kv_heads, head_dim]
                 tensors[name] = t
