@@ -1,6 +1,7 @@
 # cart: the two commands of the README (make demo, make test) do all the set-up themselves.
 #   make demo   install, then run the main job on the embedded model and example corpus
-#   make test   install (with vLLM), then run the whole test suite (unit, vLLM, slow integration)
+#   make test   install (with vLLM), then lint (ruff) and run the whole test suite (unit, vLLM,
+#               slow integration)
 #   make bench  install, then run the benchmarks (run alone: competing CPU load skews them)
 
 SHELL := /bin/bash
@@ -72,11 +73,16 @@ demo: install
 	@echo "(per-question answers: $(DEMO_OUT)/results.jsonl; summary: $(DEMO_OUT)/summary.json;" \
 		"plot: $(DEMO_OUT)/quality-vs-memory.png)"
 
+# Lint first (ruff, settings in pyproject.toml): it takes a second.
+LINT := $(PY) -m ruff check cart tests bench examples
+
 # CART_REQUIRE_VLLM: the vLLM tests fail (not skip) if vLLM is missing
 test: install install-vllm
+	$(LINT)
 	CART_REQUIRE_VLLM=1 $(PY) -m pytest -q
 
 test-fast: install
+	$(LINT)
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install install-vllm
@@ -94,4 +100,4 @@ bench: install install-vllm
 	$(PY) bench/quality.py --out bench-quality
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache
+	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -48,7 +48,8 @@ def child(mode: str, p: int, dtype: str, steps: int, rows_per_step: int) -> dict
     import torch
 
     from cart.cartridge import Cartridge
-    from cart.distill import _module_class, make_batch, pack
+    from cart.distill import make_batch, pack
+    from cart.trainable import TrainableCartridge
     from cart.models import load_model, load_tokenizer, resolve_model
 
     ref = resolve_model(None)
@@ -66,7 +67,7 @@ def child(mode: str, p: int, dtype: str, steps: int, rows_per_step: int) -> dict
         return [torch.randn(kvh, n, hd, generator=gen) for _ in range(layers)]
 
     cart = Cartridge(rand(1), rand(1), rand(p - 1), rand(p - 1))
-    module = _module_class()(cart, model, "kl", dtype)
+    module = TrainableCartridge(cart, model, "kl", dtype)
     opt = torch.optim.Adam(module.parameters(), lr=2e-2)
     embed = model.get_input_embeddings()
     tokens = 0

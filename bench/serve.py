@@ -43,13 +43,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(carts: Path, model: str | None, max_batch: int,
-                 engine: str = "transformers") -> tuple[subprocess.Popen, str]:
+def start_server(carts: Path, model: str | None, max_batch: int, engine: str = "transformers",
+                 device: str = "auto", dtype: str = "auto") -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "cart", "serve", "--cartridges", str(carts), "--port", str(port),
-           "--max-batch", str(max_batch), "--engine", engine, "-q"]
+           "--max-batch", str(max_batch), "--engine", engine, "--device", device, "--dtype", dtype,
+           "-q"]
     if model:
         cmd += ["-m", model]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -128,7 +129,8 @@ def workload(engine, users: int, corpus_tokens: int, p: int, max_tokens: int, ca
     icl_jobs, cart_jobs, icl_tokens, cart_tokens = [], [], 0, 0
     for i, ids in enumerate(corpora):
         with torch.inference_mode():
-            cart = cartridge_from_tokens(engine.model, torch.tensor(ids[:p]), metadata=md)
+            cart = cartridge_from_tokens(engine.model, torch.tensor(ids[:p], device=engine.model.device),
+                                         metadata=md)
         cart.save(carts / f"user{i}.safetensors")
         icl_msgs = [{"role": "system", "content": SYSTEM_TEMPLATE.format(chunk=tok.decode(ids))}] + question
         icl_jobs.append((ident.model_id, icl_msgs))
@@ -145,18 +147,25 @@ def main() -> None:
     ap.add_argument("-p", type=int, default=128, help="cartridge tokens (default 128)")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens generated per user")
     ap.add_argument("--model", default=None, help="model (default: the embedded SmolLM2)")
+    ap.add_argument("--device", default="auto", help="cpu, cuda ... or auto (cart serve's --device)")
+    ap.add_argument("--dtype", default="auto", help="cart serve's --dtype (default auto: bfloat16 "
+                    "on a GPU, float32 on a CPU)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
 
     import torch
 
     from cart.cartridge import kv_bytes_per_token
+    from cart.engines import resolve_runtime
     from cart.engines.hf import TransformersEngine
+    from cart.models import resolve_device
 
-    engine = TransformersEngine.load(args.model)
+    device = resolve_device(args.device)
+    dtype = resolve_runtime("transformers", args.dtype, device)[1]
+    engine = TransformersEngine.load(args.model, dtype=dtype, device=device)
     ident = engine.identity
     span = args.corpus_tokens
-    per_token = kv_bytes_per_token(ident.num_layers, ident.kv_heads, ident.head_dim, "float32")
+    per_token = kv_bytes_per_token(ident.num_layers, ident.kv_heads, ident.head_dim, dtype)
     with tempfile.TemporaryDirectory() as tmp:
         carts = Path(tmp)
         icl_jobs, cart_jobs, icl_tokens, cart_tokens = workload(
@@ -164,7 +173,7 @@ def main() -> None:
         del engine
         arms = {}
         for name, jobs in (("ICL (corpus in context)", icl_jobs), (f"cartridge p={args.p}", cart_jobs)):
-            proc, url = start_server(carts, args.model, max(args.users, 1))
+            proc, url = start_server(carts, args.model, max(args.users, 1), device=device, dtype=dtype)
             try:
                 arms[name] = run_arm(url, jobs, args.max_tokens)
             finally:
@@ -179,7 +188,7 @@ def main() -> None:
           f"(windows of examples/orbital + meridian); {args.max_tokens} tokens generated per user "
           f"(greedy, ignore_eos, streamed); cartridge p={args.p} (initialised from the corpus's "
           f"first tokens: speed does not depend on the values); one `cart serve` process per "
-          f"arm, transformers engine, float32, continuous batching (max batch {args.users}); "
+          f"arm, transformers engine, {dtype} on {device}, continuous batching (max batch {args.users}); "
           f"{ident.model_id}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__} with {threads} threads; run alone on the machine")
     mib = 1024 * 1024

@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cart.io import CartError, atomic_output, read_input_bytes
+from cart.io import CartError, atomic_output, read_input_bytes, sha256_hex
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +71,9 @@ class Cartridge:
     metadata: dict[str, Any] = field(default_factory=dict)
     # per layer [kv_heads, p] float32 additive attention-logit terms (sink first), or None
     biases: list[torch.Tensor] | None = None
+    # what ``load`` read: the SHA-256 and size of the bytes (a folder's, as converted)
+    file_sha256: str | None = field(default=None, compare=False, repr=False)
+    file_bytes: int | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         n = len(self.keys)
@@ -198,7 +201,7 @@ class Cartridge:
         tensors = self.tensors()
         metadata = encode_metadata(self.full_metadata())
         metadata.pop(CHECKSUM_KEY, None)  # a loaded cartridge's: recomputed
-        metadata[CHECKSUM_KEY] = _data_sha256(save(tensors, metadata=metadata))
+        metadata[CHECKSUM_KEY] = data_section_sha256(save(tensors, metadata=metadata))
         return save(tensors, metadata=metadata)
 
     def save(self, path: str | os.PathLike | None) -> None:
@@ -214,9 +217,15 @@ class Cartridge:
             f.write(data)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, expect: ModelIdentity | None = None) -> Cartridge:
-        """A cartridge file, ``-`` (stdin), or a PEFT CARTRIDGE adapter folder (converted)."""
-        return cls.from_bytes(read_cartridge_bytes(path, expect), str(path), expect)
+    def load(cls, path: str | os.PathLike, expect: ModelIdentity | None = None, name: str | None = None,
+             declared: bool = False, shown: str | None = None) -> Cartridge:
+        """The one loader: a cartridge file, ``-`` (stdin), or a PEFT CARTRIDGE adapter folder
+        (converted); ``name`` in errors (default the path), the rest as ``read_cartridge_bytes``.
+        Sets ``file_sha256`` and ``file_bytes``."""
+        data = read_cartridge_bytes(path, expect, declared, shown)
+        cart = cls.from_bytes(data, str(path) if name is None else name, expect)
+        cart.file_sha256, cart.file_bytes = sha256_hex(data), len(data)
+        return cart
 
     @classmethod
     def from_bytes(cls, data: bytes, name: str = "cartridge",
@@ -321,7 +330,7 @@ def read_metadata_bytes(data: bytes, name: str) -> dict[str, Any]:
         raise CartError(f"{name}: unsupported cartridge format {fmt} (this cart reads "
                         f"{FORMAT_NAME}/{' and /'.join(READABLE_MAJORS)})")
     checksum = raw.get(CHECKSUM_KEY)
-    if checksum is not None and checksum != _data_sha256(data):
+    if checksum is not None and checksum != data_section_sha256(data):
         raise CartError(f"{name}: corrupt cartridge file (the tensor data does not match the "
                         f"checksum in its metadata: damaged or edited)")
     return decode_metadata(raw, name)
@@ -395,7 +404,7 @@ def _is_count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _data_sha256(data: bytes) -> str:
+def data_section_sha256(data: bytes) -> str:
     """The SHA-256 of a safetensors file's data section (what follows the header)."""
     (header_len,) = struct.unpack("<Q", data[:8])
     return hashlib.sha256(memoryview(data)[8 + header_len:]).hexdigest()

@@ -50,6 +50,14 @@ SYSTEM_TEMPLATE = ("You are in a conversation about the following document.\n\n"
                    "<document>\n{chunk}\n</document>")
 
 
+def system_prompt(chunk: dict[str, Any]) -> str:
+    """The system message the teacher sees a chunk in: ``SYSTEM_TEMPLATE``, after the chunk's
+    description when it has one."""
+    text = SYSTEM_TEMPLATE.format(chunk=chunk["text"])
+    desc = chunk.get("description")
+    return f"{desc}\n\n{text}" if desc else text
+
+
 def shared_prefix_len(tokenizer, system: str) -> int:
     """How many leading tokens every prompt with this system message shares (the template's
     rendering of the system turn): the longest common prefix of two different continuations."""

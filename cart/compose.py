@@ -18,10 +18,9 @@ tokenizer, with the same dtype and KV shape.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Sequence
 
-from cart.cartridge import Cartridge, read_cartridge_bytes
+from cart.cartridge import Cartridge
 from cart.io import CartError, Console, check_stdin_once, display_name
 
 # metadata a composed cartridge takes from its first part (identical in every part)
@@ -37,9 +36,8 @@ def compose(paths: Sequence[str], sinks: str = "one") -> Cartridge:
     check_stdin_once(paths)
     parts: list[tuple[str, Cartridge, str]] = []
     for path in paths:
-        data = read_cartridge_bytes(path)
-        name = display_name(path)
-        parts.append((name, Cartridge.from_bytes(data, name), hashlib.sha256(data).hexdigest()))
+        cart = Cartridge.load(path, name=display_name(path))
+        parts.append((display_name(path), cart, cart.file_sha256))
     return compose_parts(parts, sinks)
 
 

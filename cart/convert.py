@@ -2,7 +2,7 @@
 
 The input's format is detected: a folder is a PEFT adapter, a file (or ``-``) a cart
 cartridge. Every other stage reads an adapter folder wherever it takes a cartridge (the one
-loader, ``cart.cartridge.read_cartridge_bytes``); this stage writes the other way, and turns
+loader, ``cart.cartridge.Cartridge.load``); this stage writes the other way, and turns
 an adapter into a cartridge file once for good. The layout and what each direction keeps or
 refuses are in ``cart.peft_adapter`` and ``cart-formats(5)``.
 """
@@ -21,7 +21,7 @@ def convert(source: str, output: str | None, to: str | None = None, model: str |
             console: Console | None = None) -> Any:
     """Convert ``source`` to ``to`` (default: the other format) at ``output``; returns the
     cartridge converted."""
-    from cart.cartridge import Cartridge, read_cartridge_bytes
+    from cart.cartridge import Cartridge
     from cart.io import check_output_dir, check_outputs
     from cart.peft_adapter import is_adapter_dir
 
@@ -43,8 +43,7 @@ def convert(source: str, output: str | None, to: str | None = None, model: str |
         check_outputs({"-o": output}, [source])
     expect = _identity(model) if model is not None else None
     name = display_name(source)
-    data = read_cartridge_bytes(source, expect, declared=model is not None)
-    cart = Cartridge.from_bytes(data, name, expect)
+    cart = Cartridge.load(source, expect, name, declared=model is not None)
     if to == "cart":
         cart.save(output)
         where = output if output not in (None, "-") else "<stdout>"

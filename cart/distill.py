@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from cart.config import MAX_BATCH, check_at_most, check_type
-from cart.io import CartError, Console, dumps, output_destination, require, sha256_hex
+from cart.io import (CartError, Console, dumps, intact_records, output_destination, require,
+                     run_fingerprint, sha256_hex)
 
 OBJECTIVES = ("kl", "ntp")
 INIT_KINDS = ("attention-match", "corpus", "random-tokens", "random-vectors", "text")
@@ -142,7 +143,7 @@ class ConvoSet:
     sources: list[str] = field(default_factory=list)
 
 
-def load_conversations(inputs: Sequence[str], console: Console) -> ConvoSet:
+def load_conversations(inputs: Sequence[str]) -> ConvoSet:
     """Read and check cart.convo/1 records (files or ``-``); one model, one teacher."""
     import hashlib
 
@@ -377,88 +378,6 @@ def make_batch(rows: list[list[int]], convos: Sequence[Conversation], p: int, pa
                  torch.tensor(nexts, dtype=torch.long, device=device), tokens, len(cands))
 
 
-# -- the trainable cartridge ----------------------------------------------------------------------
-def _module_class():
-    import torch
-    from torch import nn
-
-    class TrainableCartridge(nn.Module):
-        """The cartridge's trainable keys/values as parameters; the sink and the model are
-        held outside the module's parameters (frozen, never handed to the optimizer)."""
-
-        def __init__(self, cart, model, objective: str, dtype: str):
-            super().__init__()
-            self.keys = nn.ParameterList([nn.Parameter(k.detach().float().clone()) for k in cart.keys])
-            self.values = nn.ParameterList([nn.Parameter(v.detach().float().clone()) for v in cart.values])
-            # plain attributes: not parameters or buffers, so DDP neither syncs nor trains them
-            object.__setattr__(self, "frozen_keys", [k.detach().float().clone() for k in cart.frozen_keys])
-            object.__setattr__(self, "frozen_values", [v.detach().float().clone() for v in cart.frozen_values])
-            # attention biases (compacted cartridges) stay as they were fitted
-            object.__setattr__(self, "biases", None if cart.biases is None else
-                               [b.detach().float().clone() for b in cart.biases])
-            object.__setattr__(self, "model", model)
-            from cart.attention import register
-
-            model.set_attn_implementation(register())  # the cartridge is cart_gqa's shared prefix
-            self.objective = objective
-            self.compute_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-
-        def move_frozen(self, device):
-            object.__setattr__(self, "frozen_keys", [k.to(device) for k in self.frozen_keys])
-            object.__setattr__(self, "frozen_values", [v.to(device) for v in self.frozen_values])
-            if self.biases is not None:
-                object.__setattr__(self, "biases", [b.to(device) for b in self.biases])
-
-        def forward(self, batch: Batch, scale: float):
-            """Sum of the per-target losses times ``scale``, and the unscaled sums (loss, kl)."""
-            from cart.attention import SharedPrefixes
-
-            model = self.model
-            device = batch.input_ids.device
-            b = batch.input_ids.shape[0]
-            autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                                      enabled=self.compute_dtype == torch.bfloat16)
-            with autocast:
-                kv = [(torch.cat([fk, k], dim=1).to(self.compute_dtype),
-                       torch.cat([fv, v], dim=1).to(self.compute_dtype)) for fk, k, fv, v in
-                      zip(self.frozen_keys, self.keys, self.frozen_values, self.values)]
-                # every row reads the one cartridge (broadcast, never copied per row)
-                prefix = SharedPrefixes([(list(range(b)), kv, self.biases)], b)
-                hidden = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                     attention_mask=batch.mask, cart_prefixes=prefix,
-                                     use_cache=False).last_hidden_state
-                # the LM head only where a target is: full-vocabulary logits everywhere would
-                # cost hundreds of MB for nothing
-                picked = hidden[batch.target_rows, batch.target_cols]
-                logits = model.lm_head(picked)
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            if batch.num_targets == 0:
-                zero = logp.sum() * 0.0 + sum(p.sum() for p in self.parameters()) * 0.0
-                return zero, 0.0, 0.0
-            if self.objective == "ntp":
-                nll = -logp.gather(1, batch.next_ids.unsqueeze(1)).squeeze(1)
-                loss_sum = nll.sum()
-                kl_sum = loss_sum.detach()
-            else:
-                student = logp.gather(1, batch.cand_ids)
-                q = batch.cand_probs
-                loss_sum = -(q * student).sum()
-                entropy = -(q * torch.where(q > 0, q.log(), torch.zeros_like(q))).sum()
-                kl_sum = (loss_sum.detach() - entropy)
-            return loss_sum * scale, float(loss_sum.detach()), float(kl_sum)
-
-        def cartridge(self, metadata: dict[str, Any]):
-            from cart.cartridge import Cartridge
-
-            return Cartridge([k.detach().cpu().clone() for k in self.frozen_keys],
-                             [v.detach().cpu().clone() for v in self.frozen_values],
-                             [k.detach().cpu().clone() for k in self.keys],
-                             [v.detach().cpu().clone() for v in self.values], metadata,
-                             None if self.biases is None else [b.cpu().clone() for b in self.biases])
-
-    return TrainableCartridge
-
-
 # -- initialisation --------------------------------------------------------------------------------
 def initial_cartridge(cfg: DistillConfig, data: ConvoSet, model: Any, tokenizer: Any, identity,
                       console: Console):
@@ -470,10 +389,7 @@ def initial_cartridge(cfg: DistillConfig, data: ConvoSet, model: Any, tokenizer:
 
     p, frozen = cfg.tokens, cfg.frozen_tokens
     if init_is_cartridge(cfg.init):
-        from cart.cartridge import read_cartridge_bytes
-
-        data = read_cartridge_bytes(cfg.init, identity)
-        loaded = Cartridge.from_bytes(data, cfg.init, identity)
+        loaded = Cartridge.load(cfg.init, identity)
         if loaded.num_tokens != p or loaded.num_frozen != frozen:
             raise CartError(f"{cfg.init}: has p={loaded.num_tokens} ({loaded.num_frozen} frozen), "
                             f"but -p/--tokens is {p} with {frozen} frozen (give -p {loaded.num_tokens})")
@@ -482,7 +398,7 @@ def initial_cartridge(cfg: DistillConfig, data: ConvoSet, model: Any, tokenizer:
                          metadata={"query_position": loaded.query_position}, biases=loaded.biases)
         previous = loaded.metadata
         return cart, {"kind": "cartridge", "source": str(cfg.init),
-                      "sha256": sha256_hex(data)[:16],
+                      "sha256": loaded.file_sha256[:16],
                       "corpus_hash": previous.get("corpus_hash"), "steps": previous.get("steps"),
                       "init": previous.get("init")}
     if cfg.init == "attention-match":
@@ -574,16 +490,6 @@ def init_distributed(device: str) -> Dist:
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
-def run_fingerprint(cfg: DistillConfig, data: ConvoSet, init_info: dict[str, Any]) -> str:
-    """What makes two runs the same run: data, init and every setting that changes the
-    parameters -- except --steps/--epochs (a longer run continues a shorter one) and the
-    runtime (device, the number of processes, --save-every)."""
-    d = asdict(cfg)
-    for k in ("steps", "epochs", "device", "save_every"):
-        d.pop(k)
-    return sha256_hex(dumps([d, data.digest, init_info]).decode())[:16]
-
-
 def save_checkpoint(path: Path, module, optimizer, step: int, fingerprint: str,
                     totals: dict[str, float]) -> None:
     import json
@@ -663,19 +569,91 @@ def default_output_name(data: ConvoSet, cfg: DistillConfig) -> str:
     return f"cartridge-{corpus[:8]}-p{cfg.tokens}.safetensors"
 
 
+def check_conversations(data: ConvoSet, model: Any, identity, cfg: DistillConfig) -> None:
+    """Refuse conversations of another model, with token ids past its vocabulary, or too long
+    for its context behind the ``-p`` cartridge tokens."""
+    m = data.model
+    if (m["config_hash"], m["tokenizer_hash"]) != (identity.config_hash, identity.tokenizer_hash):
+        raise CartError(f"{data.sources[0]}: conversations from model {m['id']} (config "
+                        f"{m['config_hash']}, tokenizer {m['tokenizer_hash']}), not "
+                        f"{identity.model_id} (config {identity.config_hash}, tokenizer "
+                        f"{identity.tokenizer_hash}); give --model")
+    check_vocabulary(data, int(model.config.vocab_size))
+    check_fits(f"-p/--tokens {cfg.tokens}", cfg.tokens, data, model)
+
+
+def check_fits(what: str, start: int, data: ConvoSet, model: Any) -> None:
+    """Refuse conversations that, from position ``start`` (named ``what`` in the message), run
+    past the model's context."""
+    from cart.models import context_length
+
+    max_len = max(len(c.token_ids) for c in data.convos)
+    context = context_length(model.config)
+    if start + max_len > context:
+        raise CartError(f"{what} + the longest conversation ({max_len} tokens) exceeds the "
+                        f"model's context of {context} tokens")
+
+
+def forward_backward(trained, rows: list[list[int]], targets: int, grad_accum: int, dist: Dist,
+                     convos: Sequence[Conversation], p: int, pad_id: int, device: Any) -> tuple[float, float]:
+    """One optimizer step's gradients, accumulated: its packed ``rows`` (global) split over the
+    processes and ``grad_accum`` micro-steps, each loss scaled so that the gradients are those
+    of the mean over the step's ``targets`` tokens. Returns the step's loss and KL sums over its
+    target tokens (all processes)."""
+    import torch
+
+    scale = dist.world / max(targets, 1)  # DDP averages over processes
+    parts = split_step(rows, dist.world, grad_accum)
+    loss_sum = kl_sum = 0.0
+    for micro, per_rank in enumerate(parts):
+        batch = make_batch(per_rank[dist.rank], convos, p, pad_id, device)
+        sync = micro == len(parts) - 1 or dist.world == 1
+        ctx = trained.no_sync() if (dist.world > 1 and not sync) else contextlib.nullcontext()
+        with ctx:
+            loss, l_sum, k_sum = trained(batch, scale)
+            loss.backward()
+        loss_sum += l_sum
+        kl_sum += k_sum
+    if dist.world > 1:
+        sums = torch.tensor([loss_sum, kl_sum], dtype=torch.float64)
+        torch.distributed.all_reduce(sums)
+        loss_sum, kl_sum = sums.tolist()
+    return loss_sum, kl_sum
+
+
+def save_cartridge(module, output: str | None, data: ConvoSet, identity, init_info: dict[str, Any],
+                   training: dict[str, Any], steps: int, tokens: int, loss: float,
+                   query_position: int | None):
+    """The trained cartridge with its metadata (cart-formats(5)), written to ``output``
+    (stdout for None or ``-``). ``query_position`` is None when it is ``p``."""
+    from cart import __version__
+
+    corpus = data.corpus or {}
+    metadata = {
+        "base_model": identity.model_id, "model_config_hash": identity.config_hash,
+        "tokenizer_hash": identity.tokenizer_hash, "corpus_hash": corpus.get("hash"),
+        "corpus_tokens": corpus.get("n_tokens"), "corpus_paths": data.corpus_paths,
+        "init": init_info, "synth": {**data.synth, "data_sha256": data.digest, "inputs": data.sources},
+        "training": training, "steps": steps, "tokens": int(tokens),
+        "loss": round(float(loss), 6) if math.isfinite(loss) else None,
+        "cart_version": __version__, "query_position": query_position}
+    result = module.cartridge({k: v for k, v in metadata.items() if v is not None})
+    result.save(None if output in (None, "-") else output)
+    return result
+
+
 def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
             output: str | None, checkpoint: str | None, log: str | None, console: Console):
     """The whole ``cart distill`` job. Returns the trained Cartridge (rank 0) or None."""
     import torch
 
-    from cart.models import (ModelIdentity, context_length, load_model, load_tokenizer,
-                             resolve_device, resolve_model)
+    from cart.models import ModelIdentity, load_model, load_tokenizer, resolve_device, resolve_model
+    from cart.trainable import TrainableCartridge
 
-    probe_dist = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if probe_dist and "-" in inputs:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "-" in inputs:
         raise CartError("under torchrun, give conversation files (every process reads them), "
                         "not stdin")
-    data = load_conversations(inputs, console)
+    data = load_conversations(inputs)
     if output == "auto":
         output = default_output_name(data, cfg)
         if Path(output).exists() and not (checkpoint or Path(output + ".ckpt").exists()):
@@ -693,38 +671,24 @@ def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
                         f"--grad-accum ({dist.world} x {cfg.grad_accum})")
     model = load_model(ref, dtype="float32", device=device)
     identity = ModelIdentity.of(ref, model.config, tokenizer)
-    m = data.model
-    if (m["config_hash"], m["tokenizer_hash"]) != (identity.config_hash, identity.tokenizer_hash):
-        raise CartError(f"{data.sources[0]}: conversations from model {m['id']} (config "
-                        f"{m['config_hash']}, tokenizer {m['tokenizer_hash']}), not "
-                        f"{identity.model_id} (config {identity.config_hash}, tokenizer "
-                        f"{identity.tokenizer_hash}); give --model")
-    check_vocabulary(data, int(model.config.vocab_size))
-    max_len = max(len(c.token_ids) for c in data.convos)
-    context = context_length(model.config)
-    if cfg.tokens + max_len > context:
-        raise CartError(f"-p/--tokens {cfg.tokens} + the longest conversation ({max_len} tokens) "
-                        f"exceeds the model's context of {context} tokens")
+    check_conversations(data, model, identity, cfg)
 
     cart, init_info = initial_cartridge(cfg, data, model, tokenizer, identity, console)
-    first_position = cart.query_position  # compacted keys keep their corpus positions
-    if first_position + max_len > context:
-        raise CartError(f"the cartridge's query position {first_position} + the longest "
-                        f"conversation ({max_len} tokens) exceeds the model's context of "
-                        f"{context} tokens")
+    query_position = cart.query_position  # compacted keys keep their corpus positions
+    check_fits(f"the cartridge's query position {query_position}", query_position, data, model)
     dtype = compute_dtype(cfg.dtype, device)
-    module = _module_class()(cart, model, cfg.objective, dtype).to(device)
+    module = TrainableCartridge(cart, model, cfg.objective, dtype).to(device)
     module.move_frozen(device)
     trained = module
     if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        trained = DistributedDataParallel(module, device_ids=[device] if device.startswith("cuda") else None)
+        trained = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device] if device.startswith("cuda") else None)
     optimizer = torch.optim.Adam(module.parameters(), lr=cfg.lr)
 
     lengths = [len(c.token_ids) for c in data.convos]
     steps = plan_steps(lengths, cfg)
-    fingerprint = run_fingerprint(cfg, data, init_info)
+    fingerprint = run_fingerprint({k: v for k, v in asdict(cfg).items()  # see run_fingerprint
+                                   if k not in ("steps", "epochs", "save_every")}, data.digest, init_info)
     ckpt_path = Path(checkpoint) if checkpoint else None
     start_step, totals = 0, {"tokens": 0, "targets": 0, "seconds": 0.0}
     if ckpt_path is not None and ckpt_path.exists():
@@ -735,9 +699,11 @@ def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
         console.info(f"resuming from {ckpt_path} at step {start_step} of {len(steps)}")
     log_file = None
     if log is not None and dist.main:
-        kept = _log_lines_upto(Path(log), start_step) if start_step else []
-        log_file = open(log, "w", encoding="utf-8")  # a resumed run keeps the steps it keeps
-        log_file.writelines(kept)
+        # a killed run may have logged past its last checkpoint: those steps are redone
+        earlier = Path(log).read_bytes() if start_step and Path(log).exists() else b""
+        log_file = open(log, "wb")
+        log_file.writelines(dumps(r) for r, _ in intact_records(earlier)
+                            if isinstance(r.get("step"), int) and r["step"] <= start_step)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     last_loss = float("nan")
     try:
@@ -748,25 +714,11 @@ def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
                 rows = steps[step]
                 step_targets = sum(len(data.convos[i].positions) for row in rows for i in row)
                 step_tokens = sum(lengths[i] for row in rows for i in row)
-                scale = dist.world / max(step_targets, 1)  # DDP averages over processes
-                parts = split_step(rows, dist.world, cfg.grad_accum)
                 optimizer.zero_grad(set_to_none=True)
-                loss_sum = kl_sum = 0.0
-                for micro, per_rank in enumerate(parts):
-                    batch = make_batch(per_rank[dist.rank], data.convos, first_position, pad_id, device)
-                    sync = micro == len(parts) - 1 or dist.world == 1
-                    ctx = trained.no_sync() if (dist.world > 1 and not sync) else contextlib.nullcontext()
-                    with ctx:
-                        loss, l_sum, k_sum = trained(batch, scale)
-                        loss.backward()
-                    loss_sum += l_sum
-                    kl_sum += k_sum
-                if dist.world > 1:
-                    sums = torch.tensor([loss_sum, kl_sum], dtype=torch.float64)
-                    torch.distributed.all_reduce(sums)
-                    loss_sum, kl_sum = sums.tolist()
+                loss_sum, kl_sum = forward_backward(trained, rows, step_targets, cfg.grad_accum,
+                                                    dist, data.convos, query_position, pad_id, device)
                 if not math.isfinite(loss_sum):  # before the step: no NaN reaches a file
-                    raise non_finite_loss(step + 1, rows, data.convos, module, first_position,
+                    raise non_finite_loss(step + 1, rows, data.convos, module, query_position,
                                           pad_id, device)
                 optimizer.step()
                 seconds = time.perf_counter() - started
@@ -780,48 +732,29 @@ def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
                           "tokens_per_s": round(step_tokens / seconds, 1),
                           "seconds": round(seconds, 3), "total_tokens": totals["tokens"]}
                 if log_file is not None:
-                    log_file.write(dumps(record).decode())
+                    log_file.write(dumps(record))
                     log_file.flush()
                 progress.update(task, completed=step + 1,
                                 status=f"loss {last_loss:.3f}  {step_tokens / seconds:.0f} tok/s")
                 done = step + 1
                 if ckpt_path is not None and dist.main and (done % cfg.save_every == 0 or done == len(steps)):
-                    totals_out = {**totals, "last_loss": last_loss}
-                    save_checkpoint(ckpt_path, module, optimizer, done, fingerprint, totals_out)
+                    save_checkpoint(ckpt_path, module, optimizer, done, fingerprint,
+                                    {**totals, "last_loss": last_loss})
     finally:
         if log_file is not None:
             log_file.close()
     if not steps or start_step == len(steps):
         last_loss = totals.get("last_loss", last_loss)
     if dist.world > 1:
-        import torch.distributed as tdist
-
-        tdist.barrier()
-        tdist.destroy_process_group()
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if not dist.main:
         return None
-    from cart import __version__
-
-    corpus = data.corpus or {}
-    metadata = {
-        "base_model": identity.model_id,
-        "model_config_hash": identity.config_hash,
-        "tokenizer_hash": identity.tokenizer_hash,
-        "corpus_hash": corpus.get("hash"),
-        "corpus_tokens": corpus.get("n_tokens"),
-        "corpus_paths": data.corpus_paths,
-        "init": init_info,
-        "synth": {**data.synth, "data_sha256": data.digest, "inputs": data.sources},
-        "training": {**asdict(cfg), "compute_dtype": dtype, "processes": dist.world, "device": device,
-                     "seconds": round(totals["seconds"], 1)},
-        "steps": len(steps),
-        "tokens": int(totals["tokens"]),
-        "loss": round(float(last_loss), 6) if math.isfinite(last_loss) else None,
-        "cart_version": __version__,
-        "query_position": first_position if first_position != cfg.tokens else None,
-    }
-    result = module.cartridge({k: v for k, v in metadata.items() if v is not None})
-    result.save(None if output in (None, "-") else output)
+    training = {**asdict(cfg), "compute_dtype": dtype, "processes": dist.world, "device": device,
+                "seconds": round(totals["seconds"], 1)}
+    result = save_cartridge(module, output, data, identity, init_info, training, len(steps),
+                            totals["tokens"], last_loss,
+                            query_position if query_position != cfg.tokens else None)
     if ckpt_path is not None and ckpt_path.exists():
         ckpt_path.unlink()  # the run is complete: its output replaces the checkpoint
     console.info(f"{len(steps)} steps, {totals['tokens']} tokens, final loss {last_loss:.4f}, "
@@ -852,23 +785,3 @@ def non_finite_loss(step: int, rows: list[list[int]], convos: Sequence[Conversat
     return CartError(f"step {step}: the loss is not finite on every conversation of the step "
                      f"(the first: {c.where}, {c.id}): the cartridge's values are out of range "
                      "(training diverged? lower --lr); no cartridge written")
-
-
-def _log_lines_upto(path: Path, step: int) -> list[str]:
-    """The lines of an earlier log for steps 1..step (a killed run may have logged past its
-    last checkpoint; those steps are redone)."""
-    import json
-
-    if not path.exists():
-        return []
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            break
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    return kept
-
-

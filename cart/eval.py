@@ -14,9 +14,7 @@ through the engine) and scored by their metric.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,9 +22,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cart.config import MAX_BATCH, check_at_most, check_type
-from cart.io import (CartError, Console, atomic_output, check_outputs, check_stdin_once,
-                     display_name, dumps, human_bytes, intact_records, output_destination,
-                     read_input_bytes, sha256_hex)
+from cart.engines.base import Engine, GenerationRequest, KVPrefix, ScoreRequest
+from cart.io import (CartError, Console, PartialOutput, atomic_output, check_outputs,
+                     check_stdin_once, display_name, dumps, human_bytes, output_destination,
+                     run_fingerprint, sha256_hex)
 
 RESULT_SCHEMA = "cart.result/1"
 
@@ -38,8 +37,8 @@ class EvalConfig:
     temperature: float = 0.0  # 0 = greedy
     seed: int = 0
     stop_loops: bool = True
-    engine: str = "transformers"
-    dtype: str = "float32"
+    engine: str = "auto"
+    dtype: str = "auto"
     device: str = "auto"
 
     def __post_init__(self):
@@ -68,15 +67,14 @@ class Method:
     kv_tokens: int  # KV positions it holds before the question
     source: str | None = None  # cartridge file or corpus files
     system: str | None = None  # ICL: the system message holding the corpus
-    kv_prefix: Any = None  # cartridge: engines.base.KVPrefix
+    kv_prefix: KVPrefix | None = None  # cartridge
     digest: str = ""  # content hash (resume fingerprint)
     info: dict[str, Any] = field(default_factory=dict)
 
 
 # -- building the methods ----------------------------------------------------------------------
-def build_methods(engine, *, no_context: bool, icl: Sequence[str], truncate: Sequence[int],
+def build_methods(engine: Engine, *, no_context: bool, icl: Sequence[str], truncate: Sequence[int],
                   cartridges: Sequence[str], console: Console | None = None) -> list[Method]:
-    from cart.engines.base import KVPrefix
     from cart.chat import SYSTEM_TEMPLATE, shared_prefix_len
 
     tok = engine.tokenizer
@@ -111,7 +109,7 @@ def build_methods(engine, *, no_context: bool, icl: Sequence[str], truncate: Seq
 
         data = read_cartridge_bytes(path, engine.identity)
         cart = Cartridge.from_bytes(data, path, engine.identity)
-        digest = hashlib.sha256(data).hexdigest()
+        digest = sha256_hex(data)
         methods.append(Method(name, "cartridge", cart.num_tokens, path,
                               kv_prefix=KVPrefix.of_cartridge(cart, digest),
                               digest=digest,
@@ -201,7 +199,7 @@ class Prompts:
         return ids[:end], start, self._prefix_len(method, ids)
 
 
-def check_fits(engine, methods: list[Method], questions: list[dict[str, Any]], prompts: Prompts,
+def check_fits(engine: Engine, methods: list[Method], questions: list[dict[str, Any]], prompts: Prompts,
                cfg: EvalConfig, questions_path: str) -> None:
     """Refuse up front, clearly, a question or a method whose context does not fit the model."""
     for m in methods:
@@ -219,7 +217,7 @@ def check_fits(engine, methods: list[Method], questions: list[dict[str, Any]], p
             if own > longest:
                 longest, worst = own, q["id"]
         # positions run to the query position (compacted keys keep the corpus's) + the prompt
-        need = longest + (max(m.kv_prefix.tokens, m.kv_prefix.first_position) if m.kv_prefix else 0)
+        need = longest + (max(m.kv_prefix.num_tokens, m.kv_prefix.query_position) if m.kv_prefix else 0)
         if need > engine.max_context:
             hint = ("; use --truncate N for the corpus's first N tokens" if m.kind == "icl"
                     else "")
@@ -234,12 +232,10 @@ def _batches(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def run_batch(engine, method: Method, batch: list[dict[str, Any]], b_index: int,
+def run_batch(engine: Engine, method: Method, batch: list[dict[str, Any]], b_index: int,
               prompts: Prompts, cfg: EvalConfig, metrics: dict[str, Any]):
     """One batch of questions with one method: ``(rows, stats)``, the per-question results and
     the batch's generated tokens and seconds."""
-    from cart.engines.base import GenerationRequest, ScoreRequest
-
     started = time.perf_counter()
     gen_q = [q for q in batch if metrics[q["metric"]].generates]
     requests = []
@@ -303,28 +299,15 @@ def summarize(method: Method, rows: list[dict[str, Any]], stats: list[dict[str, 
 
 
 # -- resuming ----------------------------------------------------------------------------------
-def run_fingerprint(cfg: EvalConfig, questions_bytes: bytes, methods: list[Method], identity) -> str:
-    parts = [identity.model_id, identity.config_hash, sha256_hex(questions_bytes),
-             repr(sorted((k, v) for k, v in asdict(cfg).items() if k != "device")),
-             *(f"{m.name}|{m.kind}|{m.digest}" for m in methods)]
-    return sha256_hex("\n".join(parts))[:16]
-
-
-def read_partial(path: Path, run: str) -> tuple[dict[tuple[str, int], dict[str, Any]], int]:
-    """Batches already done in ``path`` (``(method, batch) -> record``) and the byte offset
-    where the valid part ends (a torn last line is dropped). Another run's file is refused."""
+def done_batches(earlier: list[tuple[dict, int]]) -> tuple[dict[tuple[str, int], dict[str, Any]], int]:
+    """The batches a partial file holds (``PartialOutput.earlier``) as ``(method, batch) ->
+    record``, and the byte offset past them."""
     done: dict[tuple[str, int], dict[str, Any]] = {}
     end = 0
-    for i, (rec, offset) in enumerate(intact_records(read_input_bytes(path))):
-        if i == 0:
-            if rec.get("run") != run:
-                raise CartError(f"{path}: partial results of another run (other questions, methods "
-                                f"or settings); delete it to start over")
-        elif not {"method", "batch", "stats", "rows"} <= rec.keys():
+    for rec, rec_end in earlier:
+        if not {"method", "batch", "stats", "rows"} <= rec.keys():
             break  # not a batch this program wrote: redone from here
-        else:
-            done[(rec["method"], rec["batch"])] = rec
-        end = offset
+        done[(rec["method"], rec["batch"])], end = rec, rec_end
     return done, end
 
 
@@ -335,13 +318,14 @@ def evaluate(questions_path: str, cfg: EvalConfig, model: str | None, *, no_cont
              table: bool | None, console: Console) -> list[dict[str, Any]]:
     """The whole ``cart eval`` job. Returns the per-method summaries."""
     from cart.cartridge import kv_bytes_per_token
-    from cart.engines import get_engine
+    from cart.engines import get_engine, with_runtime
     from cart.io import open_input_bytes
     from cart.metrics import METRICS
     from cart.models import resolve_device
     from cart.questions import load_questions
 
     check_stdin_once([questions_path, *icl, *cartridges])
+    cfg = with_runtime(cfg)
     check_outputs({"-o": output, "--summary": summary_path, "--plot": plot_path},
                   [questions_path, *cartridges, *icl])
     if plot_path is not None:
@@ -363,58 +347,42 @@ def evaluate(questions_path: str, cfg: EvalConfig, model: str | None, *, no_cont
     bytes_per_token = kv_bytes_per_token(ident.num_layers, ident.kv_heads, ident.head_dim, cfg.dtype)
     icl_tokens = next((m.kv_tokens for m in methods if m.kind == "icl"), None)
 
-    run = run_fingerprint(cfg, questions_bytes, methods, ident)
+    run = run_fingerprint(asdict(cfg), ident.model_id, ident.config_hash, sha256_hex(questions_bytes),
+                          [[m.name, m.kind, m.digest] for m in methods])
     # A file is built as FILE.partial, which a rerun resumes; stdout, or a pipe or device
     # (-o >(...)), takes the rows as they come.
-    out_path = None if output in (None, "-") or not output_destination(output)[1] else Path(output)
-    done: dict[tuple[str, int], dict[str, Any]] = {}
-    if out_path is not None:
-        partial = out_path.with_name(out_path.name + ".partial")
-        end = 0
-        if partial.exists():
-            done, end = read_partial(partial, run)
-            if done:
-                console.info(f"resuming {partial}: {len(done)} batches already done")
-        sink = open(partial, "r+b" if partial.exists() else "wb")
-        sink.truncate(end)
-        sink.seek(end)
-        if end == 0:
-            sink.write(dumps({"run": run}))
-    else:
-        sink = None
+    done, partial = {}, None
+    if output not in (None, "-") and output_destination(output)[1]:
+        partial = PartialOutput(output, run, "partial results of another run (other questions, "
+                                "methods or settings)")
+        done, end = done_batches(partial.earlier)
+        if done:
+            console.info(f"resuming {partial.path}: {len(done)} batches already done")
+        partial.resume(end)
     summaries, all_rows = [], []
-    try:
-        with atomic_output(output) if sink is None else contextlib.nullcontext() as live, \
-                console.progress() as progress:
-            task = progress.add_task("eval", total=len(methods) * len(questions), status="")
-            for m in methods:
-                rows, stats = [], []
-                for b, batch in enumerate(_batches(questions, cfg.batch_size)):
-                    rec = done.get((m.name, b))
-                    if rec is None:
-                        batch_rows, batch_stats = run_batch(engine, m, batch, b, prompts, cfg, metrics)
-                        rec = {"method": m.name, "batch": b, "stats": batch_stats, "rows": batch_rows}
-                        if sink is not None:
-                            sink.write(dumps(rec))
-                            sink.flush()
-                            os.fsync(sink.fileno())
-                    if live is not None:
-                        live.write(b"".join(dumps(r) for r in rec["rows"]))
-                        live.flush()
-                    rows.extend(rec["rows"])
-                    stats.append(rec["stats"])
-                    progress.update(task, advance=len(rec["rows"]), status=m.name)
-                summaries.append(summarize(m, rows, stats, bytes_per_token, icl_tokens))
-                all_rows.extend(rows)
-        add_gap_closed(summaries)
-    finally:
-        if sink is not None:
-            sink.close()
-    if out_path is not None:
-        from cart.io import write_jsonl
-
-        write_jsonl(all_rows, out_path)
-        partial.unlink()
+    with atomic_output(output) if partial is None else contextlib.nullcontext() as live, \
+            console.progress() as progress:
+        task = progress.add_task("eval", total=len(methods) * len(questions), status="")
+        for m in methods:
+            rows, stats = [], []
+            for b, batch in enumerate(_batches(questions, cfg.batch_size)):
+                rec = done.get((m.name, b))
+                if rec is None:
+                    batch_rows, batch_stats = run_batch(engine, m, batch, b, prompts, cfg, metrics)
+                    rec = {"method": m.name, "batch": b, "stats": batch_stats, "rows": batch_rows}
+                    if partial is not None:
+                        partial.append([rec])
+                if live is not None:
+                    live.write(b"".join(dumps(r) for r in rec["rows"]))
+                    live.flush()
+                rows.extend(rec["rows"])
+                stats.append(rec["stats"])
+                progress.update(task, advance=len(rec["rows"]), status=m.name)
+            summaries.append(summarize(m, rows, stats, bytes_per_token, icl_tokens))
+            all_rows.extend(rows)
+    add_gap_closed(summaries)
+    if partial is not None:
+        partial.finish(all_rows)
     report = {"schema": "cart.eval-summary/1", "questions": display_name(questions_path),
               "num_questions": len(questions),
               "model": {"id": ident.model_id, "config_hash": ident.config_hash},

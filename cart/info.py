@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from cart.cartridge import Cartridge, kv_bytes_per_token, read_cartridge_bytes
+from cart.cartridge import Cartridge, kv_bytes_per_token
 from cart.io import human_bytes
 
 
@@ -23,13 +23,12 @@ def cartridge_info(path: str | os.PathLike, model: str | None = None) -> dict[st
         from cart.models import ModelIdentity, resolve_model
 
         expect = ModelIdentity.of(resolve_model(model, Console(quiet=True)))
-    data = read_cartridge_bytes(path, expect)
-    cart = Cartridge.from_bytes(data, display_name(path), expect)
+    cart = Cartridge.load(path, expect, display_name(path))
     md = cart.metadata
     per_token = kv_bytes_per_token(cart.num_layers, cart.kv_heads, cart.head_dim, cart.dtype)
     info: dict[str, Any] = {
         "file": display_name(path),
-        "file_bytes": _adapter_bytes(path) if _is_folder(path) else len(data),
+        "file_bytes": _adapter_bytes(path) if _is_folder(path) else cart.file_bytes,
         "kv_bytes": cart.kv_bytes(),
         "kv_bytes_per_token": per_token,
     }

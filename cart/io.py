@@ -187,6 +187,63 @@ def intact_records(data: bytes) -> Iterator[tuple[Any, int]]:
         yield record, end
 
 
+def run_fingerprint(settings: dict[str, Any], *inputs: Any) -> str:
+    """16 hex digits naming a run: the SHA-256 of a stage's ``settings`` (its config as a dict)
+    and ``inputs`` (JSON values: digests or ids of its data, the model's hashes).
+
+    Runs of one fingerprint write the same records (up to numerics), so either may resume the
+    other's output.
+    The rule: a stage leaves out of ``settings`` only what cannot change its records (output
+    paths and verbosity, which no config holds; the runtime -- ``engine`` and ``device``, left
+    out here, so that a run resumes and its shards run anywhere; distill's ``--save-every``) or
+    what a resumed run may change on purpose (distill's ``--steps``/``--epochs``: a longer run
+    continues a shorter one)."""
+    kept = {k: v for k, v in settings.items() if k not in ("engine", "device")}
+    return sha256_hex(dumps([kept, *inputs]).decode())[:16]
+
+
+class PartialOutput:
+    """``-o FILE`` built as ``FILE.partial``, which a rerun of the same run resumes after a kill
+    (even ``kill -9``). The one ``.partial`` format: a line ``{"run": FINGERPRINT}``
+    (``run_fingerprint``), then one JSON object a line, each synced to disk as it is written.
+    ``earlier``: the records an earlier try left (up to a torn or foreign line), each with the
+    byte offset past it; the stage keeps a prefix and ``resume``s after it. A partial file of
+    another fingerprint is refused in the stage's words ``another_run`` (what it holds)."""
+
+    def __init__(self, output: str | os.PathLike, run: str, another_run: str):
+        self.output, self.run = Path(output), run
+        self.path = self.output.with_name(self.output.name + ".partial")
+        lines = list(intact_records(self.path.read_bytes())) if self.path.exists() else []
+        if lines and lines[0][0].get("run") != run:
+            raise CartError(f"{self.path}: {another_run}; delete it to start over")
+        self.earlier: list[tuple[dict, int]] = lines[1:]
+
+    def resume(self, end: int) -> None:
+        """Drop what follows byte ``end`` of the earlier records (0: all, the first line too)."""
+        with open(self.path, "r+b" if end else "wb") as f:
+            f.truncate(end)
+        if not end:
+            self.append([{"run": self.run}])
+
+    def append(self, records: Iterable[Any]) -> None:
+        with open(self.path, "ab") as f:
+            f.write(b"".join(dumps(r) for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finish(self, records: Iterable[Any] | None = None) -> None:
+        """Write FILE atomically (``records``, or else the partial file's own); delete the partial."""
+        import shutil
+
+        with atomic_output(self.output) as out, open(self.path, "rb") as f:
+            if records is None:
+                f.readline()  # the fingerprint
+                shutil.copyfileobj(f, out)
+            else:
+                out.writelines(dumps(r) for r in records)
+        self.path.unlink()
+
+
 def dumps(record: Any) -> bytes:
     """One JSONL line (with newline). Non-string dict keys and numpy scalars are allowed."""
     return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY)
@@ -309,9 +366,7 @@ def _mode_for(target: Path) -> int:
     try:
         return stat.S_IMODE(os.stat(target).st_mode)
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~_umask()
 
 
 def check_outputs(outputs: dict[str, str | os.PathLike | None],

@@ -6,7 +6,6 @@ position ``p``, which is what transformers does by default for a cache of length
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from cart.cartridge import Cartridge
@@ -86,86 +85,3 @@ def cartridge_from_tokens(model: Any, input_ids: torch.Tensor, num_frozen: int =
         values=[v[:, num_frozen:].contiguous() for _, v in kv],
         metadata=dict(metadata or {}),
     )
-
-
-def cache_from_cartridge(cart: Cartridge, model: Any, batch_size: int = 1,
-                         dtype: torch.dtype | None = None):
-    """A fresh DynamicCache pre-filled with the cartridge, shared across a batch by ``expand``.
-
-    A forward pass extends the cache in place, so build one per request/step.
-    """
-    return cache_from_kv(model, [cart.layer(i) for i in range(cart.num_layers)], batch_size, dtype)
-
-
-def cache_from_kv(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
-                  batch_size: int = 1, dtype: torch.dtype | None = None):
-    """A fresh DynamicCache holding per-layer ``[kv_heads, n, head_dim]`` keys and values (none:
-    an empty cache), shared across a batch by ``expand`` -- a view, so gradients flow back to
-    trainable K/V. A forward pass appends by concatenation and never writes into them."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    for i, (k, v) in enumerate(kv or ()):
-        if dtype is not None:
-            k, v = k.to(dtype), v.to(dtype)
-        cache.update(k.unsqueeze(0).expand(batch_size, -1, -1, -1),
-                     v.unsqueeze(0).expand(batch_size, -1, -1, -1), i)
-    return cache
-
-
-def preallocated_cache(model: Any, key_buffers: list[torch.Tensor],
-                       value_buffers: list[torch.Tensor], length: int):
-    """A DynamicCache over per-layer buffers ``[B, kv_heads, capacity, d]`` whose first
-    ``length`` positions are filled: decoding writes in place instead of re-concatenating the
-    whole cache at every step (a full copy of it per token)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    cache.layers = [PreallocatedLayer(k, v, length) for k, v in zip(key_buffers, value_buffers)]
-    return cache
-
-
-def _preallocated_layer_class():
-    import torch.nn.functional as F
-    from transformers.cache_utils import DynamicLayer
-
-    class _PreallocatedLayer(DynamicLayer):
-        def __init__(self, key_buffer, value_buffer, length: int):
-            super().__init__()
-            self._k, self._v, self._n = key_buffer, value_buffer, length
-            self.dtype, self.device = key_buffer.dtype, key_buffer.device
-            self.is_initialized = True
-            self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            end = self._n + key_states.shape[-2]
-            if end > self._k.shape[2]:  # out of room: double (amortised), like a vector
-                pad = (0, 0, 0, max(end, 2 * self._k.shape[2]) - self._k.shape[2])
-                self._k, self._v = F.pad(self._k, pad), F.pad(self._v, pad)
-            self._k[:, :, self._n:end] = key_states
-            self._v[:, :, self._n:end] = value_states
-            self._n = end
-            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
-            return self.keys, self.values
-
-        def keep_rows(self, rows):
-            """Drop the batch rows not in ``rows`` (finished generations)."""
-            self._k, self._v = self._k.index_select(0, rows), self._v.index_select(0, rows)
-            self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
-
-    return _PreallocatedLayer
-
-
-class _LazyClass:
-    """Builds the class on first use: transformers is imported only when a cache is built."""
-
-    def __init__(self, factory):
-        self._factory, self._cls = factory, None
-
-    def __call__(self, *args, **kwargs):
-        if self._cls is None:
-            self._cls = self._factory()
-        return self._cls(*args, **kwargs)
-
-
-PreallocatedLayer = _LazyClass(_preallocated_layer_class)

@@ -172,7 +172,7 @@ def read_adapter(path: str | os.PathLike, expect: ModelIdentity | None = None,
 def _check_exported(cart: Cartridge, stored: dict[str, str], shown: str) -> None:
     """An adapter cart exported must still hold what its cart metadata describes: same shape,
     and tensor data with the checksum cart recorded (not edited since)."""
-    from cart.cartridge import CHECKSUM_KEY, _data_sha256
+    from cart.cartridge import CHECKSUM_KEY, data_section_sha256
 
     md = cart.metadata
     shape = (cart.num_tokens, cart.num_frozen, cart.num_layers, cart.kv_heads, cart.head_dim)
@@ -183,7 +183,7 @@ def _check_exported(cart: Cartridge, stored: dict[str, str], shown: str) -> None
     from safetensors.torch import save
 
     checksum = stored.get(CHECKSUM_KEY)  # of the data section, which the metadata does not change
-    if checksum is not None and checksum != _data_sha256(save(cart.tensors())):
+    if checksum is not None and checksum != data_section_sha256(save(cart.tensors())):
         raise CartError(f"{shown}: the tensors in {WEIGHTS_FILE} do not match the checksum in its "
                         "cart metadata (edited since cart wrote it?)")
 

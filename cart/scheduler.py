@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cart.engines.base import GenerationRequest
+from cart.engines.base import Engine, GenerationRequest, RunningBatch
 
 log = logging.getLogger("cart.serve")
 
@@ -47,7 +47,7 @@ class Ticket:
     request: GenerationRequest
     seed: int
     on_event: Callable[[int | None, bool, str | None, str | None], None]
-    row: Any = None  # the engine's batch row, once admitted
+    row: Any = None  # its row of the running batch (RunningBatch.add), once admitted
     cancelled: bool = False
     done: bool = False
 
@@ -63,7 +63,7 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, engine: Any, max_batch: int = 32, max_pending: int = 64):
+    def __init__(self, engine: Engine, max_batch: int = 32, max_pending: int = 64):
         if max_batch < 1 or max_pending < 1:
             raise ValueError("max_batch and max_pending must be >= 1")
         self.engine = engine
@@ -75,7 +75,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closing = False
         self._stopped = False
-        self._batch = engine.open_batch()
+        self._batch: RunningBatch = engine.open_batch()
         self._thread = threading.Thread(target=self._loop, name="cart-decode", daemon=True)
         self._thread.start()
 

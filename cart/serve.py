@@ -10,12 +10,16 @@ Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming
 ``GET /v1/models`` (+ ``/v1/models/{id}``), ``GET /health``. Errors are OpenAI error objects.
 """
 
-# No ``from __future__ import annotations``: FastAPI reads the route bodies' types at
-# definition time, and the request models are imported inside create_app.
+# No ``from __future__ import annotations``: FastAPI reads the route handlers' parameter types
+# when they are registered. fastapi and uvicorn are imported here, at the top: only ``cart
+# serve`` (after its arguments are parsed) and the tests import this module.
 import asyncio
+import copy
+import functools
 import hmac
 import logging
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -26,9 +30,24 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import orjson
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+from uvicorn.config import LOGGING_CONFIG
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+from cart.chat import render_cartridge_ids, render_ids
+from cart.compose import compose_parts
 from cart.config import check_type, flag
-from cart.engines import check_runtime
-from cart.io import CartError
+from cart.engines import check_runtime, get_engine, with_runtime
+from cart.engines.base import Engine, GenerationRequest, KVPrefix
+from cart.io import CartError, parse_size
+from cart.openai_api import ChatCompletionRequest, CompletionRequest, error_body, validation_error
+from cart.scheduler import Overloaded, Scheduler
+from cart.store import CartridgeStore, Entry, UnknownCartridge
 
 log = logging.getLogger("cart.serve")
 
@@ -49,13 +68,11 @@ class ServeConfig:
     cache_bytes: int = 4 << 30  # cartridges kept in memory (LRU)
     shutdown_timeout: float = 120.0  # seconds in-flight requests get after SIGTERM
     request_timeout: float = 30.0  # seconds a client gets to send a request's headers, then its body
-    engine: str = "transformers"
-    dtype: str = "float32"
+    engine: str = "auto"
+    dtype: str = "auto"
     device: str = "auto"
 
     def __post_init__(self):
-        from cart.io import parse_size
-
         for name in ("max_body_bytes", "cache_bytes"):  # "4GiB" from a flag or a config file
             if isinstance(getattr(self, name), str):
                 setattr(self, name, parse_size(getattr(self, name), flag(name)))
@@ -139,9 +156,7 @@ class TextStream:
 class CartServer:
     """What the routes share: engine, store, scheduler and the request -> generation logic."""
 
-    def __init__(self, cfg: ServeConfig, engine: Any, store: Any):
-        from cart.scheduler import Scheduler
-
+    def __init__(self, cfg: ServeConfig, engine: Engine, store: CartridgeStore):
         self.cfg, self.engine, self.store = cfg, engine, store
         self.tokenizer = engine.tokenizer
         self.base = engine.identity.model_id
@@ -149,30 +164,26 @@ class CartServer:
         self.max_prompt = cfg.max_prompt_tokens or self.context
         self.started = int(time.time())
         self.scheduler = Scheduler(engine, cfg.max_batch, cfg.max_concurrent)
-        self._composed: OrderedDict[tuple, Any] = OrderedDict()
+        self._composed: OrderedDict[tuple, KVPrefix] = OrderedDict()
         self._lock = threading.Lock()  # resolve() runs on worker threads
 
     # -- cartridges --------------------------------------------------------------------------
-    def _entry(self, name: str, param: str):
-        from cart.store import UnknownCartridge
-
+    def _entry(self, name: str, param: str) -> Entry:
         try:
             return self.store.entry(name)
         except UnknownCartridge as e:
             raise APIError(404, f"{e}; GET /v1/models lists the cartridges", param=param,
                            code="model_not_found") from None
 
-    def _prefix_of(self, entry: Any):
+    def _prefix_of(self, entry: Entry) -> KVPrefix:
         """The entry's KVPrefix, made once: the engine keeps one converted copy per KVPrefix
         object, so every request on this cartridge shares it (until the file changes)."""
         with self._lock:
             if entry.kv_prefix is None:
-                from cart.engines.base import KVPrefix
-
                 entry.kv_prefix = KVPrefix.of_cartridge(entry.cartridge, entry.sha256)
             return entry.kv_prefix
 
-    def resolve(self, model: str, cartridges: list[str] | None):
+    def resolve(self, model: str, cartridges: list[str] | None) -> KVPrefix | None:
         """The KV prefix a request asks for (None: the bare base model)."""
         if cartridges:
             if model != self.base:
@@ -185,15 +196,11 @@ class CartServer:
             with self._lock:
                 kvp = self._composed.pop(key, None)
             if kvp is None:
-                from cart.compose import compose_parts
-
                 try:
                     cart = compose_parts([(e.name, e.cartridge, e.sha256) for e in entries])
                 except CartError as e:
                     raise APIError(400, f"cannot compose {', '.join(cartridges)}: {e}",
                                    param="cartridges") from None
-                from cart.engines.base import KVPrefix
-
                 kvp = KVPrefix.of_cartridge(cart, "+".join(f"{n}:{h}" for n, h in key))
             with self._lock:
                 self._composed[key] = kvp
@@ -216,12 +223,10 @@ class CartServer:
         return out
 
     # -- generation --------------------------------------------------------------------------
-    def requests(self, prompts: list[list[int]], body: Any, max_tokens: int | None, kv_prefix: Any,
-                 prompt_param: str):
+    def requests(self, prompts: list[list[int]], body: Any, max_tokens: int | None,
+                 kv_prefix: KVPrefix | None, prompt_param: str) -> list[GenerationRequest]:
         """One GenerationRequest per choice (each prompt ``n`` times), within the limits."""
-        from cart.engines.base import GenerationRequest
-
-        first = kv_prefix.first_position if kv_prefix is not None else 0
+        first = kv_prefix.query_position if kv_prefix is not None else 0
         if max_tokens is not None and max_tokens > self.cfg.max_tokens:
             raise APIError(400, f"max_tokens {max_tokens} is above this server's cap of "
                                 f"{self.cfg.max_tokens}", param="max_tokens")
@@ -244,13 +249,11 @@ class CartServer:
                                              kv_prefix=kv_prefix, ignore_eos=body.ignore_eos))
         return out
 
-    def generate(self, requests: list[Any], stops: list[str], seed: int | None
+    def generate(self, requests: list[GenerationRequest], stops: list[str], seed: int | None
                  ) -> AsyncIterator[tuple[int, str, str | None, int]]:
         """Submit every choice now (overload is an APIError here, before any response goes
         out); the returned iterator yields (choice index, text delta, finish reason or None,
         tokens so far)."""
-        from cart.scheduler import Overloaded
-
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         tickets = []
@@ -301,172 +304,178 @@ class CartServer:
                 self.scheduler.cancel(t)
 
 
-def create_app(server: CartServer):
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
+class Completion:
+    """One response of ``POST /v1/chat/completions`` (``kind`` "chat") or ``/v1/completions``
+    ("text"). Every choice is submitted when it is made (``CartServer.generate``: overload is an
+    APIError then, before any response goes out); ``respond`` then collects them into one body
+    (``full``) or sends them as server-sent events while they are generated (``streamed``)."""
 
-    from cart.chat import render_cartridge_ids, render_ids
-    from cart.openai_api import (ChatCompletionRequest, CompletionRequest, error_body,
-                                 validation_error)
-
-    cfg = server.cfg
-
-    @asynccontextmanager
-    async def lifespan(app):
-        yield
-        # uvicorn has let in-flight requests finish; the scheduler drains what is left
-        await asyncio.to_thread(server.scheduler.close, cfg.shutdown_timeout)
-
-    app = FastAPI(title="cart serve", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=lifespan)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError):
-        return JSONResponse(error_body(str(e), e.type, e.param, e.code), status_code=e.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, e: RequestValidationError):
-        message, param = validation_error(e.errors())
-        return JSONResponse(error_body(message, param=param), status_code=400)
-
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, e: HTTPException):
-        code = "not_found" if e.status_code == 404 else None
-        return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}",
-                                       param=None, code=code), status_code=e.status_code)
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, e: Exception):
-        log.exception("request failed")
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"),
-                            status_code=500)
-
-    @app.get("/health")
-    async def health(request: Request):
-        # without the key (when one is set): alive or not, and nothing about what is served
-        if not key_ok(cfg.api_key, request.scope):
-            return {"status": "ok"}
-        running, waiting = server.scheduler.counts()
-        st = server.scheduler.stats
-        return {"status": "ok", "model": server.base, "running": running, "waiting": waiting,
-                "cartridges_loaded": server.store.loaded_names(),
-                "cartridges_loaded_bytes": server.store.loaded_bytes(),
-                "kv_bytes": st.kv_bytes, "kv_bytes_peak": st.kv_bytes_peak,
-                "batch_peak": st.batch_peak, "steps": st.steps,
-                "tokens_generated": st.tokens, "requests": st.requests, "config": cfg.public()}
-
-    @app.get("/v1/models")
-    async def models():
-        data = await asyncio.to_thread(server.models)
-        return {"object": "list", "data": data}
-
-    @app.get("/v1/models/{model_id}")
-    async def model(model_id: str):
-        for m in await asyncio.to_thread(server.models):
-            if m["id"] == model_id:
-                return m
-        raise APIError(404, f"no model or cartridge named {model_id!r}", param="model",
-                       code="model_not_found")
-
-    def respond(kind: str, body: Any, requests: list[Any], prompt_tokens: int):
-        created = int(time.time())
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
-        obj = "chat.completion" if kind == "chat" else "text_completion"
-        stream = server.generate(requests, body.stops(), body.seed)
-
-        def usage(completion: int) -> dict[str, int]:
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                    "total_tokens": prompt_tokens + completion}
-
-        def choice(i: int, text: str | None, finish: str | None, first: bool = False):
-            if kind == "chat":
-                delta = {"role": "assistant", "content": ""} if first else (
-                    {"content": text} if text else {})
-                return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
-
-        if not body.stream:
-            async def collect():
-                texts = [""] * len(requests)
-                finish: list[str | None] = [None] * len(requests)
-                tokens = [0] * len(requests)
-                async for i, delta, reason, n in stream:
-                    texts[i] += delta
-                    tokens[i] = n
-                    finish[i] = reason or finish[i]
-                if kind == "chat":
-                    choices = [{"index": i, "message": {"role": "assistant", "content": t},
-                                "logprobs": None, "finish_reason": f}
-                               for i, (t, f) in enumerate(zip(texts, finish))]
-                else:
-                    choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
-                               for i, (t, f) in enumerate(zip(texts, finish))]
-                return {"id": rid, "object": obj, "created": created, "model": body.model,
-                        "choices": choices, "usage": usage(sum(tokens))}
-            return collect()
-
-        chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-        def sse(payload: dict) -> bytes:
-            import orjson
-
-            return b"data: " + orjson.dumps(payload) + b"\n\n"
-
-        async def events():
-            head = {"id": rid, "object": chunk_obj, "created": created, "model": body.model}
-            tokens = [0] * len(requests)
-            if kind == "chat":
-                yield sse({**head, "choices": [choice(i, None, None, first=True)
-                                               for i in range(len(requests))]})
-            try:
-                async for i, delta, reason, n in stream:
-                    tokens[i] = n
-                    yield sse({**head, "choices": [choice(i, delta, reason)]})
-            except APIError as e:
-                yield sse(error_body(str(e), e.type, e.param, e.code))
-                return
-            if body.stream_options and body.stream_options.include_usage:
-                yield sse({**head, "choices": [], "usage": usage(sum(tokens))})
-            yield b"data: [DONE]\n\n"
-
-        return events()
-
-    async def start(kind: str, body: Any, prompts_for: Any, max_tokens: int | None):
-        """``prompts_for(kv_prefix)``: the prompts' token ids (a chat follows a cartridge as it
-        follows the document in ICL: ``cart.chat.render_cartridge_ids``)."""
-        kv_prefix = await asyncio.to_thread(server.resolve, body.model, body.cartridges)
-        prompts = prompts_for(kv_prefix)
+    def __init__(self, server: CartServer, kind: str, body: Any, prompts: list[list[int]],
+                 kv_prefix: KVPrefix | None, max_tokens: int | None):
         requests = server.requests(prompts, body, max_tokens, kv_prefix,
                                    "messages" if kind == "chat" else "prompt")
-        out = respond(kind, body, requests, sum(len(p) for p in prompts))
-        if not body.stream:
-            return await out
-        return StreamingResponse(out, media_type="text/event-stream",
+        self.kind, self.body, self.n = kind, body, len(requests)
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.created = int(time.time())
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+        self.results = server.generate(requests, body.stops(), body.seed)
+
+    async def respond(self) -> Any:
+        if not self.body.stream:
+            return await self.full()
+        return StreamingResponse(self.streamed(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest):
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+    def usage(self, completion: int) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
 
-        def prompts_for(kv_prefix):
-            render = render_ids if kv_prefix is None else render_cartridge_ids
-            try:
-                return [render(server.tokenizer, messages, add_generation_prompt=True)[0]]
-            except Exception as e:  # the model's own chat template refused the conversation
-                raise APIError(400, f"the chat template rejected the messages: {e}",
-                               param="messages") from None
+    async def full(self) -> dict[str, Any]:
+        texts, tokens = [""] * self.n, [0] * self.n
+        finish: list[str | None] = [None] * self.n
+        async for i, delta, reason, n in self.results:
+            texts[i] += delta
+            tokens[i] = n
+            finish[i] = reason or finish[i]
+        if self.kind == "chat":
+            choices = [{"index": i, "message": {"role": "assistant", "content": t},
+                        "logprobs": None, "finish_reason": f}
+                       for i, (t, f) in enumerate(zip(texts, finish))]
+        else:
+            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
+                       for i, (t, f) in enumerate(zip(texts, finish))]
+        return {"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
+                "created": self.created, "model": self.body.model, "choices": choices,
+                "usage": self.usage(sum(tokens))}
 
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        return await start("chat", body, prompts_for, max_tokens)
+    def chunk_choice(self, i: int, text: str | None, finish: str | None, first: bool = False):
+        if self.kind == "chat":
+            delta = {"role": "assistant", "content": ""} if first else (
+                {"content": text} if text else {})
+            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        prompts = [server.tokenizer(p).input_ids for p in body.prompts()]
-        return await start("text", body, lambda kv_prefix: prompts, body.max_tokens)
+    async def streamed(self) -> AsyncIterator[bytes]:
+        head = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat" else
+                "text_completion", "created": self.created, "model": self.body.model}
+        tokens = [0] * self.n
+        if self.kind == "chat":
+            yield _sse({**head, "choices": [self.chunk_choice(i, None, None, first=True)
+                                            for i in range(self.n)]})
+        try:
+            async for i, delta, reason, n in self.results:
+                tokens[i] = n
+                yield _sse({**head, "choices": [self.chunk_choice(i, delta, reason)]})
+        except APIError as e:
+            yield _sse(error_body(str(e), e.type, e.param, e.code))
+            return
+        if self.body.stream_options and self.body.stream_options.include_usage:
+            yield _sse({**head, "choices": [], "usage": self.usage(sum(tokens))})
+        yield b"data: [DONE]\n\n"
 
+
+def _sse(payload: dict) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+# -- the routes: each finds the CartServer on the app (create_app) ------------------------------
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request):
+    server: CartServer = request.app.state.server
+    # without the key (when one is set): alive or not, and nothing about what is served
+    if not key_ok(server.cfg.api_key, request.scope):
+        return {"status": "ok"}
+    running, waiting = server.scheduler.counts()
+    st = server.scheduler.stats
+    return {"status": "ok", "model": server.base, "running": running, "waiting": waiting,
+            "cartridges_loaded": server.store.loaded_names(),
+            "cartridges_loaded_bytes": server.store.loaded_bytes(),
+            "kv_bytes": st.kv_bytes, "kv_bytes_peak": st.kv_bytes_peak,
+            "batch_peak": st.batch_peak, "steps": st.steps,
+            "tokens_generated": st.tokens, "requests": st.requests, "config": server.cfg.public()}
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    data = await asyncio.to_thread(request.app.state.server.models)
+    return {"object": "list", "data": data}
+
+
+@router.get("/v1/models/{model_id}")
+async def model(model_id: str, request: Request):
+    for m in await asyncio.to_thread(request.app.state.server.models):
+        if m["id"] == model_id:
+            return m
+    raise APIError(404, f"no model or cartridge named {model_id!r}", param="model",
+                   code="model_not_found")
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    server: CartServer = request.app.state.server
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in body.messages]
+    kv_prefix = await asyncio.to_thread(server.resolve, body.model, body.cartridges)
+    # a chat follows a cartridge as it follows the document in ICL
+    render = render_ids if kv_prefix is None else render_cartridge_ids
+    try:
+        prompt = render(server.tokenizer, messages, add_generation_prompt=True)[0]
+    except Exception as e:  # the model's own chat template refused the conversation
+        raise APIError(400, f"the chat template rejected the messages: {e}",
+                       param="messages") from None
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    return await Completion(server, "chat", body, [prompt], kv_prefix, max_tokens).respond()
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    server: CartServer = request.app.state.server
+    prompts = [server.tokenizer(p).input_ids for p in body.prompts()]
+    kv_prefix = await asyncio.to_thread(server.resolve, body.model, body.cartridges)
+    return await Completion(server, "text", body, prompts, kv_prefix, body.max_tokens).respond()
+
+
+async def _api_error(request: Request, e: APIError):
+    return JSONResponse(error_body(str(e), e.type, e.param, e.code), status_code=e.status)
+
+
+async def _invalid_request(request: Request, e: RequestValidationError):
+    message, param = validation_error(e.errors())
+    return JSONResponse(error_body(message, param=param), status_code=400)
+
+
+async def _http_error(request: Request, e: HTTPException):
+    code = "not_found" if e.status_code == 404 else None
+    return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}",
+                                   param=None, code=code), status_code=e.status_code)
+
+
+async def _crash(request: Request, e: Exception):
+    log.exception("request failed")
+    return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"),
+                        status_code=500)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    yield
+    # uvicorn has let in-flight requests finish; the scheduler drains what is left
+    server: CartServer = app.state.server
+    await asyncio.to_thread(server.scheduler.close, server.cfg.shutdown_timeout)
+
+
+def create_app(server: CartServer):
+    """The ASGI app serving ``server``: the routes, behind the ``Guard``."""
+    app = FastAPI(title="cart serve", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=_lifespan, exception_handlers={
+                      APIError: _api_error, RequestValidationError: _invalid_request,
+                      HTTPException: _http_error, Exception: _crash})
+    app.state.server = server
+    app.include_router(router)
+    cfg = server.cfg
     return Guard(app, cfg.api_key, cfg.max_body_bytes, cfg.request_timeout)
 
 
@@ -569,10 +578,6 @@ async def _until_disconnect(app: Any, scope: dict, body: bytes, receive, send) -
 
 async def _send_error(send, status: int, message: str, code: str | None = None,
                       close: bool = False):
-    import orjson
-
-    from cart.openai_api import error_body
-
     data = orjson.dumps(error_body(message, "invalid_request_error", None, code))
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     if close:  # the rest of the request may still come: this connection is done
@@ -581,60 +586,53 @@ async def _send_error(send, status: int, message: str, code: str | None = None,
     await send({"type": "http.response.body", "body": data})
 
 
-def _timed_protocol(timeout: float) -> type:
+class TimedProtocol(AutoHTTPProtocol):
     """uvicorn's HTTP protocol, closing a connection that has not sent a whole request line
-    and headers within ``timeout`` seconds of opening, or of its previous response. uvicorn
-    waits for them forever: idle and half-sent connections would pile up (slowloris)."""
-    from uvicorn.config import HTTP_PROTOCOLS
-    from uvicorn.importer import import_from_string
+    and headers within ``request_timeout`` seconds of opening, or of its previous response.
+    uvicorn waits for them forever: idle and half-sent connections would pile up (slowloris)."""
 
-    base = import_from_string(HTTP_PROTOCOLS["auto"])
+    _timer = None
+    _partial = False
 
-    class TimedProtocol(base):
-        _timer = None
-        _partial = False
+    def __init__(self, *args, request_timeout: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.request_timeout = request_timeout
 
-        def connection_made(self, transport):
-            super().connection_made(transport)
-            self._arm()
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._arm()
 
-        def data_received(self, data):
-            self._partial = True
-            super().data_received(data)
+    def data_received(self, data):
+        self._partial = True
+        super().data_received(data)
 
-        def on_response_complete(self):
-            super().on_response_complete()
-            self._arm()
+    def on_response_complete(self):
+        super().on_response_complete()
+        self._arm()
 
-        def connection_lost(self, exc):
-            if self._timer is not None:
-                self._timer.cancel()
-            super().connection_lost(exc)
+    def connection_lost(self, exc):
+        if self._timer is not None:
+            self._timer.cancel()
+        super().connection_lost(exc)
 
-        def _arm(self):
-            if self._timer is not None:
-                self._timer.cancel()
-            self._partial = False
-            waiting_for = self.cycle  # a new request replaces it once its headers are in
-            self._timer = self.loop.call_later(timeout, self._expire, waiting_for)
+    def _arm(self):
+        if self._timer is not None:
+            self._timer.cancel()
+        self._partial = False
+        waiting_for = self.cycle  # a new request replaces it once its headers are in
+        self._timer = self.loop.call_later(self.request_timeout, self._expire, waiting_for)
 
-        def _expire(self, waiting_for):
-            self._timer = None
-            if (self.cycle is not waiting_for or self.transport.is_closing()
-                    or (self.cycle is not None and not self.cycle.response_complete)):
-                return  # a request came (or one is still being answered)
-            if self._partial:  # a request was begun: say why it ends (an idle one just closes)
-                self.transport.write(_timeout_response(timeout))
-            self.transport.close()
-
-    return TimedProtocol
+    def _expire(self, waiting_for):
+        self._timer = None
+        if (self.cycle is not waiting_for or self.transport.is_closing()
+                or (self.cycle is not None and not self.cycle.response_complete)):
+            return  # a request came (or one is still being answered)
+        if self._partial:  # a request was begun: say why it ends (an idle one just closes)
+            self.transport.write(_timeout_response(self.request_timeout))
+        self.transport.close()
 
 
 def _timeout_response(timeout: float) -> bytes:
-    import orjson
-
-    from cart.openai_api import error_body
-
     data = orjson.dumps(error_body(f"the request headers did not arrive within {timeout:g} s "
                                    f"(--request-timeout)", code="request_timeout"))
     return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
@@ -657,12 +655,9 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def serve(cfg: ServeConfig, model: str | None, quiet: bool = False, console: Any = None) -> None:
-    import uvicorn
-
-    from cart.engines import get_engine
     from cart.models import resolve_device
-    from cart.store import CartridgeStore
 
+    cfg = with_runtime(cfg)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("cart serve: %(message)s"))
     log.handlers[:] = [handler]
@@ -681,11 +676,11 @@ def serve(cfg: ServeConfig, model: str | None, quiet: bool = False, console: Any
                 len(names), cfg.cartridges, ", API key required" if cfg.api_key else "")
     log.info("config %s", {k: v for k, v in cfg.public().items()})
     config = uvicorn.Config(create_app(server), log_level="warning" if quiet else "info",
-                            http=_timed_protocol(cfg.request_timeout),
+                            http=functools.partial(TimedProtocol, request_timeout=cfg.request_timeout),
                             timeout_graceful_shutdown=cfg.shutdown_timeout, lifespan="on",
                             access_log=not quiet, log_config=_stderr_log_config())
     try:
-        _GracefulServer(config).run(sockets=[sock])
+        GracefulServer(config).run(sockets=[sock])
     finally:
         close = getattr(engine, "close", None)  # vLLM: stop its engine process now
         if close is not None:
@@ -695,36 +690,21 @@ def serve(cfg: ServeConfig, model: str | None, quiet: bool = False, console: Any
 def _stderr_log_config() -> dict:
     """uvicorn's logging, with its request log moved from stdout to stderr (stdout carries
     data only, as for every cart command)."""
-    import copy
-
-    from uvicorn.config import LOGGING_CONFIG
-
     config = copy.deepcopy(LOGGING_CONFIG)
     for handler in config["handlers"].values():
         handler["stream"] = "ext://sys.stderr"
     return config
 
 
-def _graceful_server_class():
-    import signal
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, except that a graceful stop (SIGTERM, or a first Ctrl-C) ends the
+    process with status 0 once the requests in flight are done, instead of re-raising the
+    signal; a second Ctrl-C still forces the exit."""
 
-    import uvicorn
-
-    class GracefulServer(uvicorn.Server):
-        """uvicorn's server, except that a graceful stop (SIGTERM, or a first Ctrl-C) ends the
-        process with status 0 once the requests in flight are done, instead of re-raising the
-        signal; a second Ctrl-C still forces the exit."""
-
-        def handle_exit(self, sig, frame):
-            if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True
-            elif not self.should_exit:
-                log.warning("%s: no new connections; finishing the requests in flight",
-                            signal.Signals(sig).name)
-                self.should_exit = True
-
-    return GracefulServer
-
-
-def _GracefulServer(config):  # noqa: N802 -- a class built on first use (uvicorn imported lazily)
-    return _graceful_server_class()(config)
+    def handle_exit(self, sig, frame):
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        elif not self.should_exit:
+            log.warning("%s: no new connections; finishing the requests in flight",
+                        signal.Signals(sig).name)
+            self.should_exit = True

@@ -17,7 +17,6 @@ the server down.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -116,17 +115,11 @@ class CartridgeStore:
     def names(self) -> list[str]:
         return [e.name for e in self.entries()]
 
-    def rejected(self) -> dict[str, str]:
-        return {name: reason for name, (_, reason) in self._rejected.items()}
-
     # -- lookup ----------------------------------------------------------------------------
-    def get(self, name: str):
-        """The cartridge called ``name``; UnknownCartridge if there is none usable."""
-        return self.entry(name).cartridge
-
     def entry(self, name: str) -> Entry:
-        """The store's entry for ``name`` (cartridge, bytes, file stamp, sha256)."""
-        from cart.cartridge import Cartridge, read_cartridge_bytes
+        """The store's entry for ``name`` (cartridge, bytes, file stamp, sha256); UnknownCartridge
+        if there is none usable."""
+        from cart.cartridge import Cartridge
 
         path = self._file(name)
         try:
@@ -150,16 +143,15 @@ class CartridgeStore:
                 raise UnknownCartridge(f"cartridge {name!r} is unusable: {bad[1]}")
         try:
             try:
-                data = read_cartridge_bytes(path, self.identity, shown=path.name)
+                cart = Cartridge.load(path, self.identity, path.name, shown=path.name)
             except OSError as e:
                 raise CartError(f"cannot read it ({e.strerror})") from None
-            cart = Cartridge.from_bytes(data, path.name, self.identity)
         except CartError as e:
             self._reject(name, stamp, str(e))
         except Exception as e:  # a file crafted past the format checks: still only that file
             self._reject(name, stamp, f"cannot be read as a cartridge ({type(e).__name__}: {e})")
         nbytes = cart.kv_bytes()
-        entry = Entry(name, cart, nbytes, stamp, hashlib.sha256(data).hexdigest())
+        entry = Entry(name, cart, nbytes, stamp, cart.file_sha256)
         with self._lock:
             self._rejected.pop(name, None)
             self._loaded[name] = entry

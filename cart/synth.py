@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import sys
 import time
@@ -27,10 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cart.chat import SYSTEM_TEMPLATE, render_cartridge_ids, render_ids, shared_prefix_len
+from cart.chat import render_cartridge_ids, render_ids, shared_prefix_len, system_prompt
 from cart.config import MAX_BATCH, MAX_COUNT, check_at_most, check_type
-from cart.io import (CartError, Console, atomic_output, check_output_path, dumps, intact_records,
-                     output_destination, parse_jsonl, read_jsonl, require, schema_id, sha256_hex)
+from cart.engines.base import Engine, Generation, GenerationRequest
+from cart.io import (CartError, Console, PartialOutput, atomic_output, check_output_path, dumps,
+                     output_destination, parse_jsonl, read_jsonl, require, run_fingerprint,
+                     schema_id, sha256_hex)
 
 
 
@@ -58,8 +59,8 @@ class SynthConfig:
     max_tokens: int = 256
     overlap: int = 0
     description: str | None = None
-    engine: str = "transformers"
-    dtype: str = "float32"
+    engine: str = "auto"
+    dtype: str = "auto"
     device: str = "auto"
 
     def __post_init__(self):
@@ -240,12 +241,6 @@ def plan(chunks: list[dict[str, Any]], cfg: SynthConfig, seeds) -> list[Planned]
     return out
 
 
-def system_prompt(chunk: dict[str, Any]) -> str:
-    text = SYSTEM_TEMPLATE.format(chunk=chunk["text"])
-    desc = chunk.get("description")
-    return f"{desc}\n\n{text}" if desc else text
-
-
 # -- the algorithm -----------------------------------------------------------------------------
 def keep_mass(ids: list[int], logprobs: list[float], mass: float) -> tuple[list[int], list[float]]:
     """The top candidates up to cumulative probability ``mass`` (at least one)."""
@@ -257,14 +252,12 @@ def keep_mass(ids: list[int], logprobs: list[float], mass: float) -> tuple[list[
     return ids, logprobs
 
 
-def synthesize_batch(engine, batch: list[Planned], cfg: SynthConfig, batch_index: int,
+def synthesize_batch(engine: Engine, batch: list[Planned], cfg: SynthConfig, batch_index: int,
                      run: str, meta: dict[str, Any], direct: frozenset[str] | set[str] = frozenset()
                      ) -> list[dict[str, Any]]:
     """Algorithm 1 for one batch of conversations -> cart.convo/1 records. Conversations whose
     seed type is in ``direct`` open with the seed prompt itself as the user message (A's first
     turn is skipped)."""
-    from cart.engines.base import Generation, GenerationRequest
-
     tok = engine.tokenizer
     prefix = [shared_prefix_len(tok, system_prompt(p.chunk)) for p in batch]
     a_msgs = [[{"role": "system", "content": system_prompt(p.chunk)},
@@ -340,7 +333,7 @@ def synthesize_batch(engine, batch: list[Planned], cfg: SynthConfig, batch_index
     return records
 
 
-def _strip_eos(ids: list[int], engine) -> list[int]:
+def _strip_eos(ids: list[int], engine: Engine) -> list[int]:
     return ids[:-1] if ids and ids[-1] in engine.eos_token_ids else list(ids)
 
 
@@ -348,7 +341,7 @@ def _derive(*parts: Any) -> int:
     return int(sha256_hex(":".join(map(str, parts)))[:15], 16)
 
 
-def check_context(engine, planned: list[Planned], cfg: SynthConfig) -> None:
+def check_context(engine: Engine, planned: list[Planned], cfg: SynthConfig) -> None:
     """Refuse chunks whose prompts plus generation budgets exceed the model's context."""
     budget = engine.max_context
     seen = set()
@@ -374,24 +367,11 @@ def batches_of(planned: list[Planned], batch_size: int, shard: tuple[int, int]) 
     return batches[round(i * per):round((i + 1) * per)]
 
 
-def run_fingerprint(cfg: SynthConfig, chunks: list[dict[str, Any]], identity) -> str:
-    d = asdict(cfg)
-    for runtime in ("engine", "device"):  # the fingerprint names the data, not the runtime
-        d.pop(runtime)
-    return sha256_hex(dumps([d, [c["id"] for c in chunks], identity.config_hash,
-                             identity.tokenizer_hash]).decode())[:12]
-
-
-def read_done(partial: Path, run: str, batches: list[list[Planned]]) -> tuple[int, int]:
-    """How many whole batches a partial file holds (and their byte length); refuses a file from
-    another run. Lines past the last whole batch (a kill mid-write) are dropped on resume."""
+def whole_batches(earlier: list[tuple[dict, int]], batches: list[list[Planned]]) -> tuple[int, int]:
+    """How many whole batches the records of a partial file (``PartialOutput.earlier``) hold,
+    and the byte offset past them: what follows (a kill mid-batch) is redone."""
     n_batches, pos_in_batch, good_end = 0, 0, 0
-    for record, offset in intact_records(partial.read_bytes()):
-        if not isinstance(record, dict):  # not a line synth writes: redo from here
-            break
-        if record.get("run") != run:
-            raise CartError(f"{partial}: holds conversations of another run (different settings, "
-                            "chunks or model); delete it to start over")
+    for record, offset in earlier:
         if n_batches >= len(batches) or record.get("index") != batches[n_batches][pos_in_batch].index:
             break
         pos_in_batch += 1
@@ -413,10 +393,11 @@ def _complete(path: Path, run: str, batches: list[list[Planned]]) -> bool:
 def synthesize(inputs: Sequence[str], cfg: SynthConfig, model: str | None, output: str | None,
                shard: tuple[int, int], console: Console) -> int:
     """The whole ``cart synth`` job. Returns the number of conversations written."""
-    from cart.engines import get_engine
+    from cart.engines import get_engine, with_runtime
     from cart.models import resolve_device
     from cart.seeds import get_seed_prompts
 
+    cfg = with_runtime(cfg)
     seeds = get_seed_prompts(cfg.seed_prompts)
     chunks, head_ids = load_chunks(inputs, cfg, model, console)
     engine = get_engine(cfg.engine, model, dtype=cfg.dtype, device=resolve_device(cfg.device),
@@ -430,7 +411,8 @@ def synthesize(inputs: Sequence[str], cfg: SynthConfig, model: str | None, outpu
                      "counts are approximate for this model")
     planned = plan(chunks, cfg, seeds)
     check_context(engine, planned, cfg)
-    run = run_fingerprint(cfg, chunks, engine.identity)
+    run = run_fingerprint(asdict(cfg), [c["id"] for c in chunks], engine.identity.config_hash,
+                          engine.identity.tokenizer_hash)
     ident = engine.identity
     meta = {
         "model": {"id": ident.model_id, "config_hash": ident.config_hash,
@@ -442,20 +424,18 @@ def synthesize(inputs: Sequence[str], cfg: SynthConfig, model: str | None, outpu
     batches = batches_of(planned, cfg.batch_size, shard)
     # A file is built as FILE.partial, which a rerun resumes; stdout, or a pipe or device
     # (-o >(...)), takes the conversations as they come.
-    out_path = None if output in (None, "-") or not output_destination(output)[1] else Path(output)
-    live = contextlib.ExitStack()
-    if out_path is not None:
-        check_output_path(out_path)
-        partial = out_path.with_name(out_path.name + ".partial")
-        if out_path.exists() and not partial.exists() and _complete(out_path, run, batches):
+    live, partial = contextlib.ExitStack(), None
+    if output not in (None, "-") and output_destination(output)[1]:
+        partial = PartialOutput(check_output_path(output), run, "holds conversations of another "
+                                "run (different settings, chunks or model)")
+        out_path = partial.output
+        if out_path.exists() and not partial.path.exists() and _complete(out_path, run, batches):
             console.info(f"{out_path} is already complete")
             return 0
-        done, end = read_done(partial, run, batches) if partial.exists() else (0, 0)
+        done, end = whole_batches(partial.earlier, batches)
         if done:
-            console.info(f"resuming {partial}: {done} of {len(batches)} batches already done")
-        sink = open(partial, "r+b" if partial.exists() else "wb")
-        sink.truncate(end)
-        sink.seek(end)
+            console.info(f"resuming {partial.path}: {done} of {len(batches)} batches already done")
+        partial.resume(end)
     else:
         done, sink = 0, live.enter_context(atomic_output(output))
     total = sum(len(b) for b in batches)
@@ -470,20 +450,19 @@ def synthesize(inputs: Sequence[str], cfg: SynthConfig, model: str | None, outpu
                 if head is not None and records[0]["index"] == 0:
                     # once per run, in conversation 0: shards concatenate to the whole run
                     records[0]["corpus_head"] = head
-                sink.write(b"".join(dumps(r) for r in records))
-                sink.flush()
-                if out_path is not None:
-                    os.fsync(sink.fileno())
+                if partial is not None:
+                    partial.append(records)
+                else:
+                    sink.write(b"".join(dumps(r) for r in records))
+                    sink.flush()
                 written += len(records)
                 tokens += sum(sum(r["stats"]["a_tokens"]) + sum(r["stats"]["b_tokens"]) for r in records)
                 rate = tokens / (time.perf_counter() - started)
                 progress.update(task, completed=written, status=f"{rate:.0f} gen tok/s")
     finally:
-        if out_path is not None:
-            sink.close()
         live.close()
-    if out_path is not None:
-        os.replace(partial, out_path)
+    if partial is not None:
+        partial.finish()
     elapsed = time.perf_counter() - started
     console.info(f"{written} conversations ({tokens} generated tokens) in {elapsed:.0f} s")
     return written

@@ -21,9 +21,10 @@ ships, differs, the script stops with a one-line error instead of writing questi
 may disagree with the text.
 
 The markdown is cleaned lightly (badge and image lines and link targets are dropped; table
-cells are unpadded and separator rows removed); the words and code blocks are the authors'. The output depends only on the pinned text, this file and cart's SmolLM2
-tokenizer (which places the needles at token depths): no randomness other than a fixed
-seed, no timestamps, so reruns write byte-identical files.
+cells are unpadded and separator rows removed); the words and code blocks are the authors'.
+The output depends only on the pinned text, this file and cart's SmolLM2 tokenizer (which
+places the needles at token depths): no randomness other than a fixed seed, no timestamps,
+so reruns write byte-identical files.
 
 Before writing anything the script checks that every answer appears verbatim in its
 corpus, that token counts are in range, that the questions cover the beginning, middle

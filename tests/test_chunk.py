@@ -222,11 +222,12 @@ def test_bad_stdin(run_cart, tiny_model):
     assert one_line_error(proc) == "cart: error: <stdin>: corpus is empty"
 
 
-def test_usage_errors_are_one_line_with_exit_2(run_cart, corpus):
-    proc = run_cart("chunk", corpus, "--bogus")
+def test_usage_errors_are_one_line_with_exit_2(run_cart_subprocess, corpus):
+    """End to end: the exit status of the real executable."""
+    proc = run_cart_subprocess("chunk", corpus, "--bogus")
     assert one_line_error(proc) == "cart: error: No such option: --bogus (see 'cart chunk --help')"
     assert proc.returncode == 2
-    proc = run_cart("chunk", corpus, "-n", "many")
+    proc = run_cart_subprocess("chunk", corpus, "-n", "many")
     assert proc.returncode == 2 and "'-n' / '--num-chunks'" in one_line_error(proc)
 
 

@@ -160,7 +160,7 @@ def test_bias_gives_the_same_logits_as_the_keys_it_stands_for(tiny, biased_pair)
     biased, twin = biased_pair
     assert twin.num_tokens == biased.num_tokens + 3 and twin.biases is None
     a, b = KVPrefix.of_cartridge(biased, "a"), KVPrefix.of_cartridge(twin, "b")
-    assert a.first_position == b.first_position == 10
+    assert a.query_position == b.query_position == 10
     prompts = [ids_of(tok, 9, 7)[1:], ids_of(tok, 14, 8)[1:]]
     sa = engine.score([ScoreRequest(p, 2, kv_prefix=a) for p in prompts])
     sb = engine.score([ScoreRequest(p, 2, kv_prefix=b) for p in prompts])
@@ -180,7 +180,8 @@ def test_bias_gives_the_same_logits_as_the_keys_it_stands_for(tiny, biased_pair)
 
 def test_bias_in_training_equals_the_keys_it_stands_for(tiny, biased_pair, tmp_path):
     """cart distill's forward pass (the loss of a packed batch) honours the biases too."""
-    from cart.distill import Conversation, _module_class, make_batch
+    from cart.distill import Conversation, make_batch
+    from cart.trainable import TrainableCartridge
 
     model, tok, _ = tiny
     biased, twin = biased_pair
@@ -188,7 +189,7 @@ def test_bias_in_training_equals_the_keys_it_stands_for(tiny, biased_pair, tmp_p
                            [[3, 4], [5, 6], [7, 8]], [[-0.5, -1.2], [-0.1, -2.5], [-0.7, -0.8]])
               for i in range(3)]
     batch = make_batch([[0, 1], [2]], convos, 10, tok.pad_token_id, "cpu")
-    sums = [_module_class()(c, model, "kl", "float32")(batch, 1.0)[1] for c in (biased, twin)]
+    sums = [TrainableCartridge(c, model, "kl", "float32")(batch, 1.0)[1] for c in (biased, twin)]
     assert sums[0] == pytest.approx(sums[1], rel=1e-5)
 
 

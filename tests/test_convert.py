@@ -15,6 +15,7 @@ import torch
 from conftest import one_line_error
 from peft import CartridgeConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.cartridge.utils import compose_cartridge_adapters, initialize_kv_prefix_from_text
+from reference import cartridge_cache
 from tiny import build_tiny_model
 
 from cart.cartridge import Cartridge, read_metadata
@@ -24,7 +25,7 @@ from cart.engines.hf import TransformersEngine
 from cart.io import CartError
 from cart.kvcache import cartridge_from_tokens
 from cart.models import ModelIdentity, load_model, resolve_model
-from cart.store import CartridgeStore
+from cart.store import CartridgeStore, UnknownCartridge
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Orbital freight ships dock at bay seven. "
         "Meridian Falls has four bridges and a tram line.")
@@ -85,13 +86,11 @@ def plain_logits(engine, ids):
 
 def cache_logits(engine, cart, ids):
     """Plain transformers with the cartridge as its cache (queries from position p on)."""
-    from cart.kvcache import cache_from_cartridge
-
     model = engine.model_for_cache = getattr(engine, "model_for_cache", None) or base_model(
         engine.model.name_or_path)  # a model of its own: the engine's attends through cart_gqa
     with torch.no_grad():
         return model(input_ids=torch.tensor([ids]),
-                     past_key_values=cache_from_cartridge(cart, model)).logits[0, -1].float()
+                     past_key_values=cartridge_cache(model, cart)).logits[0, -1].float()
 
 
 def assert_same_logits(engine, cart, peft_model, tol=TOL):
@@ -134,10 +133,10 @@ def snapshot(path):
 def assert_same_file(x, y):
     """Two cartridge files hold the same tensor bytes and the same metadata (safetensors writes
     the metadata's keys in a hash order of its own, so the headers' bytes may differ)."""
-    from cart.cartridge import _data_sha256, read_metadata_bytes
+    from cart.cartridge import data_section_sha256, read_metadata_bytes
 
     dx, dy = x.read_bytes(), y.read_bytes()
-    assert len(dx) == len(dy) and _data_sha256(dx) == _data_sha256(dy)
+    assert len(dx) == len(dy) and data_section_sha256(dx) == data_section_sha256(dy)
     assert read_metadata_bytes(dx, "x") == read_metadata_bytes(dy, "y")
 
 
@@ -210,7 +209,7 @@ def test_peft_made_adapter_gives_peft_logits_in_cart(engine, model_dir, tmp_path
     # serve's path: the store lists the folder by its name
     store = CartridgeStore(tmp_path, engine.identity)
     assert store.names() == ["peft-ad"]
-    served = store.get("peft-ad")
+    served = store.entry("peft-ad").cartridge
     for a, b in zip(served.tensors().values(), cart.tensors().values()):
         assert torch.equal(a, b)
     assert_same_logits(engine, served, pm)
@@ -524,13 +523,19 @@ def test_the_store_serves_adapter_folders_inside_its_directory_only(engine, mode
     store = CartridgeStore(d, engine.identity)
     with caplog.at_level("WARNING", logger="cart.serve"):
         assert store.names() == ["file", "folder"]
-    rejected = store.rejected()
+
+    def why_unusable(name):  # what a request's 404 says
+        with pytest.raises(UnknownCartridge) as e:
+            store.entry(name)
+        return str(e.value).removeprefix(f"cartridge {name!r} is unusable: ")
+
+    rejected = {name: why_unusable(name) for name in ("lora", "leaky", "linked")}
     assert rejected["lora"] == ("lora: a PEFT LORA adapter, not a cartridge (cart reads PEFT "
                                 "adapters of peft_type CARTRIDGE)")
     assert rejected["leaky"] == ("leaky/adapter_model.safetensors leads out of the cartridge "
                                  "directory (links out of it are not served)")
     assert rejected["linked"].startswith("a symbolic link that does not lead")
-    assert store.get("folder").num_tokens == 10
+    assert store.entry("folder").cartridge.num_tokens == 10
 
 
 

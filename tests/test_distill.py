@@ -113,18 +113,19 @@ def load(path):
 # -- the objective and packing -----------------------------------------------------------------
 def trainable(tiny, convos, p: int, objective: str = "kl"):
     """(model, tokenizer, conversations, module) with a corpus-initialised cartridge of p."""
-    from cart.distill import DistillConfig, _module_class, initial_cartridge, load_conversations
+    from cart.distill import DistillConfig, initial_cartridge, load_conversations
+    from cart.trainable import TrainableCartridge
     from cart.io import Console
     from cart.models import load_model, resolve_model
 
     model_dir, tok, identity, head = tiny
     model = load_model(resolve_model(str(model_dir)))
     model.set_attn_implementation("sdpa")
-    data = load_conversations([str(convos)], Console(True))
+    data = load_conversations([str(convos)])
     cart, info = initial_cartridge(DistillConfig(tokens=p, init="corpus"), data, model, tok, identity,
                                    Console(True))
     assert info["kind"] == "corpus"
-    return model, tok, data, _module_class()(cart, model, objective, "float32")
+    return model, tok, data, TrainableCartridge(cart, model, objective, "float32")
 
 
 def test_packed_loss_equals_full_sequence_reference(tiny, convos):
@@ -230,7 +231,7 @@ def test_cli_learns_a_fact_and_keeps_the_sink(tmp_path, sharp_tiny, run_cart, in
     engine = TransformersEngine.load(str(model_dir))
     model = engine.model
     start, _ = initial_cartridge(DistillConfig(tokens=8, init=init),
-                                 load_conversations([str(path)], Console(True)), model, tok,
+                                 load_conversations([str(path)]), model, tok,
                                  identity, Console(True))
     for a, b in zip(trained.frozen_keys + trained.frozen_values, start.frozen_keys + start.frozen_values):
         assert torch.equal(a, b)
@@ -253,11 +254,14 @@ def test_cli_learns_a_fact_and_keeps_the_sink(tmp_path, sharp_tiny, run_cart, in
     assert md["training"]["lr"] == 0.2 and md["corpus_hash"] == "feedfacecafebeef"
 
 
-def test_cli_stdin_to_stdout_pipe(tiny, convos, run_cart):
+def test_cli_stdin_to_stdout_pipe(tiny, convos, run_cart_subprocess):
+    """End to end: the real executable, conversations piped in, a cartridge piped out, and
+    nothing on stderr from a fresh process (imports included)."""
     from cart.cartridge import Cartridge
 
     model_dir = tiny[0]
-    proc = run_cart("distill", "-m", model_dir, "-p", 6, "--steps", 2, input=convos.read_bytes())
+    proc = run_cart_subprocess("distill", "-m", model_dir, "-p", 6, "--steps", 2,
+                               input=convos.read_bytes())
     assert proc.returncode == 0, proc.stderr.decode()
     cart = Cartridge.from_bytes(proc.stdout)
     assert cart.num_tokens == 6 and cart.metadata["steps"] == 2

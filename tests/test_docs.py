@@ -2,7 +2,9 @@
 
 * Every command of the Typer app has ``--help`` text (through the real entry point) and a man
   page ``man/cart-<name>.1`` that names each of its options and arguments; ``man/cart.1``
-  lists it, and marks as planned only the stages that do not exist yet.
+  lists it among its Commands and in SEE ALSO.
+* Every setting of a stage's config dataclass is an option, listed under ``--config``; its
+  default, written only in the dataclass, ends its ``--help`` and is its man page Default.
 * ``man/cart-formats.5`` documents every tensor name and metadata key of the cartridge file,
   every field of a ``cart.chunk`` record, and every record kind of ``cart.io.SCHEMA_VERSIONS``.
 * ``cart --help`` (and each ``cart <command> --help``) answers without importing torch or
@@ -14,6 +16,7 @@ Add a command to ``cart/cli.py`` and these tests fail until its man page exists.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -23,12 +26,13 @@ from pathlib import Path
 
 import pytest
 import typer
+from conftest import run_cart_in_process
 
+from cart import cli
 from cart.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 MAN = ROOT / "man"
-STAGES = ("chunk", "synth", "distill", "eval", "compose", "serve", "info")  # DESIGN.md
 
 COMMANDS = typer.main.get_command(app).commands
 NAMES = sorted(COMMANDS)
@@ -130,10 +134,10 @@ def mentions(text: str, word: str) -> bool:
 
 
 def run_cart(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
-                                                                    os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", "cart", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    """The entry point in this process (conftest.run_cart_in_process), output as text."""
+    result = run_cart_in_process(*args, cwd=ROOT)
+    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout.decode(),
+                                       result.stderr.decode())
 
 
 def one_line(s: str) -> str:
@@ -180,6 +184,59 @@ def test_command_help_runs_and_describes_it(name):
             assert param.opts[0] in result.stdout
 
 
+# -- settings: the dataclass default, --help and the man page agree ----------------------------
+STAGE_NAMES = [name for name in NAMES if isinstance(COMMANDS[name], cli._Stage)]
+
+
+def option_entries(page: Path) -> dict[str, str]:
+    """The OPTIONS section's ``.TP`` entries: each option named in an entry's tags (the line
+    after ``.TP`` or ``.TQ``) -> the entry's body."""
+    entries: dict[str, str] = {}
+    tags: list[str] = []
+    body: list[str] = []
+    lines = sections(page)["OPTIONS"] + [".TP"]
+    for prev, line in zip([""] + lines, lines):
+        if line.strip() in (".TP", ".TQ"):
+            if line.strip() == ".TP" and tags:
+                entries.update(dict.fromkeys(tags, "\n".join(body)))
+                tags, body = [], []
+        elif prev.strip() in (".TP", ".TQ"):
+            tags += re.findall(r"(?<![\w-])--?[A-Za-z][\w-]*", line.split(" ", 1)[-1])
+        else:
+            body.append(line)
+    return entries
+
+
+def test_stage_commands_are_found():
+    assert {"chunk", "synth", "distill", "compact", "eval", "serve"} <= set(STAGE_NAMES)
+
+
+@pytest.mark.parametrize("name", STAGE_NAMES)
+def test_every_setting_is_an_option_with_its_default_in_help_and_man_page(name):
+    """Each field of the stage's config dataclass is an option of the same name; its default,
+    declared only in the dataclass, ends the option's --help and is the man page's Default."""
+    command, page = COMMANDS[name], MAN / f"cart-{name}.1"
+    command.get_help(command.context_class(command, info_name=name))  # fills in the defaults
+    options = {p.name: p for p in command.params if p.param_type_name == "option"}
+    entries = option_entries(page)
+    config_entry = entries["--config"]
+    for field in dataclasses.fields(cli.config_class(name)):
+        assert field.name in options, f"cart {name}: setting {field.name} has no option"
+        assert mentions(config_entry, field.name), (
+            f"{page.name}: --config does not list the key {field.name}")
+        param = options[field.name]
+        shown = cli.shown_default(field.name, field.default)
+        if shown is None:  # None or "": the man page says what it means in words
+            continue
+        assert param.help.endswith(f"[default: {shown}]"), (
+            f"cart {name} {param.opts[-1]}: help does not end in [default: {shown}]: {param.help}")
+        entry = entries.get(param.opts[-1], "")
+        assert entry.strip(), f"{page.name}: no OPTIONS entry for {param.opts[-1]}"
+        assert re.search(rf"Default:\s*(?:\.[BI]R? )?{re.escape(shown)}(?![\w-]|[.,]\w)", entry), (
+            f"{page.name}: the entry of {param.opts[-1]} does not say Default: {shown} "
+            f"(the default of {cli.config_class(name).__name__}.{field.name})")
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_overview_page_lists_command(name):
     page = MAN / "cart.1"
@@ -187,6 +244,7 @@ def test_overview_page_lists_command(name):
     assert re.search(rf"cart[ -]{name}\b", text), f"cart.1 does not mention cart {name}"
     assert f"cart-{name}" in "\n".join(sections(page)["SEE ALSO"]), (
         f"cart.1: SEE ALSO lacks cart-{name}(1)")
+    assert name in _overview_entries(), f"cart.1: Commands lists no {name}"
 
 
 def _overview_entries() -> dict[str, str]:
@@ -195,19 +253,6 @@ def _overview_entries() -> dict[str, str]:
     block = text.split(".SS Commands", 1)[1].split("\n.SS", 1)[0]
     return {m.group(1): m.group(2)
             for m in re.finditer(r"^\.TP\n\.B (\w+)\n(.*?)(?=^\.TP|\Z)", block, re.M | re.S)}
-
-
-def test_overview_marks_planned_stages_honestly():
-    entries = _overview_entries()
-    for stage in STAGES:
-        assert stage in entries, f"cart.1: Commands lists no {stage}"
-        planned = "(planned)" in entries[stage]
-        if stage in COMMANDS:
-            assert not planned, f"cart.1 says {stage} is planned, but cart {stage} exists"
-        else:
-            assert planned, f"cart.1 must mark {stage} as planned: cart {stage} does not exist"
-    for name in NAMES:
-        assert name in entries, f"cart.1: Commands lists no {name}"
 
 
 def test_root_help_and_version():

@@ -58,13 +58,16 @@ def files(tiny_model, tmp_path_factory):
             "model": tiny_model, "corpus_tokens": len(ids)}
 
 
-def test_all_methods_side_by_side(files, run_cart, tmp_path):
+def test_all_methods_side_by_side(files, run_cart_subprocess, tmp_path):
+    """End to end (the real executable): a fresh process, matplotlib's first import included,
+    writes nothing on stderr."""
     d = files["dir"]
     summary, plot = tmp_path / "s.json", tmp_path / "p.png"
-    proc = run_cart("eval", files["questions"], "-m", files["model"], "--no-context",
-                    "--icl", files["corpus"], "--truncate", 10, "--truncate", 20,
-                    "-c", d / "small.safetensors", "-c", d / "big.safetensors",
-                    "--max-new-tokens", 6, "--batch-size", 3, "--summary", summary, "--plot", plot)
+    proc = run_cart_subprocess("eval", files["questions"], "-m", files["model"], "--no-context",
+                               "--icl", files["corpus"], "--truncate", 10, "--truncate", 20,
+                               "-c", d / "small.safetensors", "-c", d / "big.safetensors",
+                               "--max-new-tokens", 6, "--batch-size", 3, "--summary", summary,
+                               "--plot", plot)
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stderr == b""  # not a terminal: no table unless --table
     rows = [orjson.loads(line) for line in proc.stdout.splitlines()]

@@ -127,8 +127,8 @@ class _Tokenizer:
 @FUZZ
 @given(data=jsonl_files(CHUNK))
 def test_chunk_reader(workdir, data):
-    from cart.synth import (SynthConfig, chunk_paths, chunk_tokenizer_hashes, corpus_head,
-                            load_chunks, system_prompt)
+    from cart.chat import system_prompt
+    from cart.synth import SynthConfig, chunk_paths, chunk_tokenizer_hashes, corpus_head, load_chunks
 
     path = workdir / "chunks.jsonl"
     loaded = read_with(path, data, lambda p: load_chunks([str(p)], SynthConfig(), None,
@@ -164,7 +164,7 @@ def test_conversation_reader(workdir, data):
     from cart.distill import check_vocabulary, load_conversations, make_batch
 
     path = workdir / "convos.jsonl"
-    convos = read_with(path, data, lambda p: load_conversations([str(p)], Console(True)))
+    convos = read_with(path, data, lambda p: load_conversations([str(p)]))
     if convos is None:
         return
     try:
@@ -178,15 +178,18 @@ def test_conversation_reader(workdir, data):
 
 
 @FUZZ
-@given(data=jsonl_files(CONVO, {**CONVO, "index": 1}))
+@given(data=st.tuples(st.sampled_from([b'{"run":"r"}\n', b""]),
+                      jsonl_files({"run": "r"}, CONVO, {**CONVO, "index": 1})).map(b"".join))
 def test_synth_partial_file_reader(workdir, data):
     """What a resumed synth reads of its own partial file: torn or foreign lines end the part
-    kept, another run's lines are refused."""
-    from cart.synth import Planned, _complete, read_done
+    kept, another run's file is refused."""
+    from cart.io import PartialOutput
+    from cart.synth import Planned, _complete, whole_batches
 
     path = workdir / "out.jsonl.partial"
     batches = [[Planned(0, CHUNK, "question", "Ask."), Planned(1, CHUNK, "question", "Ask.")]]
-    done = read_with(path, data, lambda p: read_done(p, "r", batches))
+    done = read_with(path, data, lambda p: whole_batches(
+        PartialOutput(p.with_name("out.jsonl"), "r", "another run").earlier, batches))
     if done is not None:
         n, end = done
         assert n in (0, 1) and 0 <= end <= len(data)
@@ -296,6 +299,6 @@ def test_the_valid_inputs_are_read(workdir):
         return str(path)
 
     assert len(load_chunks([write("c.jsonl", [CHUNK])], SynthConfig(), None, Console(True))[0]) == 1
-    assert len(load_conversations([write("v.jsonl", [CONVO])], Console(True)).convos) == 1
+    assert len(load_conversations([write("v.jsonl", [CONVO])]).convos) == 1
     assert len(load_questions(write("q.jsonl", QUESTIONS))) == 4
     assert Cartridge.from_bytes(VALID, "valid").num_tokens == 3

@@ -118,7 +118,8 @@ def test_first_tokens_cartridge_on_smollm2(smollm, real_env, tmp_path):
     """A cartridge initialised from the corpus's first p tokens is that text's KV cache: the
     model continues exactly as with the text in context, and `cart info` reports it."""
     from cart.cartridge import Cartridge
-    from cart.kvcache import cache_from_cartridge, cartridge_from_tokens
+    from cart.kvcache import cartridge_from_tokens
+    from reference import cartridge_cache
 
     ref, model, tok, ident = smollm
     ids = torch.tensor(tok(CORPUS.read_text()).input_ids)
@@ -130,7 +131,7 @@ def test_first_tokens_cartridge_on_smollm2(smollm, real_env, tmp_path):
     with torch.no_grad():
         full = model(input_ids=ids[: p + 32].view(1, -1)).logits[:, p:]
         with_cart = model(input_ids=ids[p: p + 32].view(1, -1),
-                          past_key_values=cache_from_cartridge(cart_obj, model)).logits
+                          past_key_values=cartridge_cache(model, cart_obj)).logits
     torch.testing.assert_close(with_cart, full, rtol=1e-4, atol=1e-4)
     path = tmp_path / "first64.safetensors"
     cart_obj.save(path)
@@ -159,8 +160,7 @@ def test_tiny_cartridge_refused_by_smollm2(real_env, tiny_model, tmp_path):
 
 def test_synth_on_smollm2_teacher_targets_match_a_forward_pass(real_env, smollm, tmp_path):
     """cart synth with the real model: stored top-k = the model with the chunk in context."""
-    from cart.chat import render_ids
-    from cart.synth import SYSTEM_TEMPLATE
+    from cart.chat import SYSTEM_TEMPLATE, render_ids
 
     chunks = tmp_path / "chunks.jsonl"
     assert cart(real_env, "chunk", CORPUS, "-n", "2", "--seed", "1", "--min-tokens", "128",

@@ -29,6 +29,13 @@ def save(tiny, path, p=8, start=0):
     return cart
 
 
+def why_unusable(store, name):
+    """The reason the store gives for not serving ``name`` (what a request's 404 says)."""
+    with pytest.raises(UnknownCartridge) as e:
+        store.entry(name)
+    return str(e.value).removeprefix(f"cartridge {name!r} is unusable: ")
+
+
 def test_names_lookup_and_no_escape(tmp_path, tiny):
     d = tmp_path / "carts"
     d.mkdir()
@@ -38,10 +45,10 @@ def test_names_lookup_and_no_escape(tmp_path, tiny):
     (d / "notes.txt").write_text("x")
     store = CartridgeStore(d, tiny[2])
     assert store.names() == ["a"]
-    assert store.get("a").num_tokens == 8
+    assert store.entry("a").cartridge.num_tokens == 8
     for bad in ("../outside", "link", "outside", "a/../a", "", ".hidden", "a.safetensors", None):
         with pytest.raises(UnknownCartridge):
-            store.get(bad)
+            store.entry(bad)
     # a new file is seen without restarting
     save(tiny, d / "b.safetensors", p=6)
     assert store.names() == ["a", "b"]
@@ -55,19 +62,19 @@ def test_lru_bound_and_reload(tmp_path, tiny):
     save(tiny, d / "c.safetensors")
     store = CartridgeStore(d, tiny[2], max_bytes=2 * one)
     for n in ("a", "b", "c"):
-        store.get(n)
+        store.entry(n)
     assert store.loaded_names() == ["b", "c"] and store.loaded_bytes() == 2 * one
-    store.get("b")
-    store.get("a")
+    store.entry("b")
+    store.entry("a")
     assert store.loaded_names() == ["b", "a"]
     # changed on disk: reloaded
     time.sleep(0.01)
     save(tiny, d / "a.safetensors", p=5, start=3)
-    assert store.get("a").num_tokens == 5
+    assert store.entry("a").cartridge.num_tokens == 5
     # deleted: gone
     (d / "a.safetensors").unlink()
     with pytest.raises(UnknownCartridge):
-        store.get("a")
+        store.entry("a")
     assert "a" not in store.loaded_names()
 
 
@@ -81,12 +88,11 @@ def test_corrupt_and_foreign_cartridges_are_rejected_and_logged(tmp_path, tiny, 
     store = CartridgeStore(d, tiny[2])
     with caplog.at_level(logging.WARNING, logger="cart.serve"):
         assert store.names() == ["good"]
-    rejected = store.rejected()
-    assert set(rejected) == {"junk", "foreign"}
+    rejected = {name: why_unusable(store, name) for name in ("junk", "foreign")}
     assert "not a cartridge file" in rejected["junk"] and "trained for model" in rejected["foreign"]
     assert sum("rejected cartridge" in r.message for r in caplog.records) == 2
     with pytest.raises(UnknownCartridge, match="unusable"):
-        store.get("junk")
+        store.entry("junk")
     # fixed on disk: accepted
     time.sleep(0.01)
     save(tiny, d / "junk.safetensors")
@@ -128,12 +134,11 @@ def test_crafted_headers_are_skipped_with_a_warning(tmp_path, tiny, caplog):
             (d / f"{name}.safetensors").write_bytes(crafted(CRAFTED[name]))
         assert store.names() == ["good"]
         assert store.names() == ["good"]  # warned once per file, not per listing
-    assert set(store.rejected()) == set(CRAFTED)
     warned = [r.message for r in caplog.records if r.message.startswith("rejected cartridge ")]
     assert sorted(m.split()[2].rstrip(":") for m in warned) == sorted(CRAFTED)
     for name in CRAFTED:
         with pytest.raises(UnknownCartridge, match=f"^cartridge '{name}' is unusable: "):
-            store.get(name)
+            store.entry(name)
 
 
 def test_a_deleted_cartridge_leaves_memory_without_a_request(tmp_path, tiny):
@@ -167,10 +172,11 @@ def test_symlinks_alias_inside_and_are_refused_out_of_the_directory(tmp_path, ti
         assert store.names() == ["a", "alias"]
     reason = ("a symbolic link that does not lead to a file in the cartridge directory (links out "
               "of it are not served)")
-    assert store.rejected() == {"out": reason, "dangling": reason}
+    assert {name: why_unusable(store, name) for name in ("out", "dangling")} == {
+        "out": reason, "dangling": reason}
     assert sorted(r.message for r in caplog.records) == [
         f"rejected cartridge dangling: {reason}", f"rejected cartridge out: {reason}"]
     with pytest.raises(UnknownCartridge) as e:
-        store.get("out")
+        store.entry("out")
     assert str(e.value) == f"cartridge 'out' is unusable: {reason}"
-    assert store.get("alias").num_tokens == 8
+    assert store.entry("alias").cartridge.num_tokens == 8

@@ -10,8 +10,7 @@ import pytest
 import torch
 from conftest import CART, one_line_error
 
-from cart.chat import render_cartridge_ids, render_ids
-from cart.synth import SYSTEM_TEMPLATE
+from cart.chat import SYSTEM_TEMPLATE, render_cartridge_ids, render_ids
 
 CORPUS_TEXT = " ".join(
     f"Ship {i} docks at bay {i % 7} and carries cargo code K{i:03d} for captain Voss." for i in range(60))
@@ -136,7 +135,8 @@ def test_chunks_are_used_evenly(run_cart, tiny_model, corpus, tmp_path):
     assert sorted(used[:3]) == sorted(set(used)) and len(set(used)) == 3
 
 
-@pytest.mark.parametrize("case", ["wrong_schema", "empty_text", "too_long", "bad_shard", "mixed_inputs", "bad_seed_type"])
+@pytest.mark.parametrize("case", ["wrong_schema", "empty_text", "too_long", "bad_shard", "mixed_inputs",
+                                  "bad_seed_type"])
 def test_bad_inputs(run_cart, tiny_model, corpus, tmp_path, case):
     chunks = tmp_path / "chunks.jsonl"
     good = {"schema": "cart.chunk/1", "id": "chunk-1", "text": "Ship 1 docks at bay 1."}

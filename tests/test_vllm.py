@@ -169,7 +169,7 @@ def test_prefix_cache_poisoning_refused(engines, prefixes):
     cases = [(dict(placeholders), None),
              ({"prompt_token_ids": placeholders["prompt_token_ids"]}, transfer),
              ({**placeholders, "cache_salt": salt[:-4] + "0000"}, transfer),
-             (dict(placeholders), {**transfer, "tokens": long_.tokens - 1}),
+             (dict(placeholders), {**transfer, "tokens": long_.num_tokens - 1}),
              ({**placeholders, "prompt_token_ids": placeholders["prompt_token_ids"][1:]}, transfer)]
     for p, t in cases:
         params = SamplingParams(max_tokens=4, extra_args={"kv_transfer_params": t} if t else None)
@@ -202,7 +202,7 @@ def test_spool_file_lives_as_long_as_its_kv_prefix(engines, prefixes):
 
     vllm_engine, hf = engines
     plain = prefixes["plain"]
-    twin = KVPrefix("twin", [(k.clone(), v.clone()) for k, v in plain.kv], plain.tokens)
+    twin = KVPrefix("twin", [(k.clone(), v.clone()) for k, v in plain.kv], plain.num_tokens)
     req = GenerationRequest(prompt(hf.tokenizer, QUESTIONS[0]), 4, kv_prefix=twin)
     assert vllm_engine.generate([req], 0)[0].token_ids == vllm_engine.generate(
         [GenerationRequest(req.prompt_ids, 4, kv_prefix=plain)], 0)[0].token_ids
@@ -212,7 +212,7 @@ def test_spool_file_lives_as_long_as_its_kv_prefix(engines, prefixes):
     del twin, req
     gc.collect()
     assert path.exists()  # `plain` still uses it
-    other = KVPrefix("other", [(k + 1, v) for k, v in plain.kv], plain.tokens)
+    other = KVPrefix("other", [(k + 1, v) for k, v in plain.kv], plain.num_tokens)
     other_path = vllm_engine.spool / f"{vllm_engine.salt_of(other)}.safetensors"
     assert other_path.exists() and other_path != path
     del other
@@ -247,7 +247,7 @@ def _records(data: bytes):
     return [orjson.loads(line) for line in data.splitlines()]
 
 
-def test_synth_cli_on_vllm_matches_transformers(run_cart, model_dir, tmp_path):
+def test_synth_cli_on_vllm_matches_transformers(run_cart, run_cart_subprocess, model_dir, tmp_path):
     """`cart synth --engine vllm`, run as a user runs it: greedy conversations token for token
     the transformers engine's, teacher top-k log-probs within the tolerance (rounded to 1e-6 in
     the records; k = 32 needs vLLM's max_logprobs raised), the engine recorded in the config."""
@@ -260,7 +260,8 @@ def test_synth_cli_on_vllm_matches_transformers(run_cart, model_dir, tmp_path):
             "--temperature-a", "0", "--temperature-b", "0", "--top-k", "32", "--logprob-mass", "1",
             "--batch-size", "4", "--model", model_dir)
     theirs = run_cart(*args)
-    ours = run_cart(*args, "--engine", "vllm", "-o", tmp_path / "convos.jsonl")
+    # the vLLM run in a process of its own (vLLM sets process-wide state: threads, logging)
+    ours = run_cart_subprocess(*args, "--engine", "vllm", "-o", tmp_path / "convos.jsonl")
     assert theirs.returncode == 0 and ours.returncode == 0, ours.stderr.decode()
     a, b = _records((tmp_path / "convos.jsonl").read_bytes()), _records(theirs.stdout)
     assert len(a) == len(b) == 4
@@ -276,7 +277,7 @@ def test_synth_cli_on_vllm_matches_transformers(run_cart, model_dir, tmp_path):
             assert max(abs(p - q) for p, q in zip(lps_x, lps_y)) < LOGPROB_TOL
 
 
-def test_eval_cli_on_vllm_matches_transformers(run_cart, model_dir, tmp_path):
+def test_eval_cli_on_vllm_matches_transformers(run_cart, run_cart_subprocess, model_dir, tmp_path):
     """`cart eval --engine vllm`: the same answers and log-likelihoods as the transformers
     engine, for no context, ICL and a cartridge."""
     import orjson
@@ -298,7 +299,7 @@ def test_eval_cli_on_vllm_matches_transformers(run_cart, model_dir, tmp_path):
         for i, q in enumerate(QUESTIONS)))
     args = ("eval", questions, "-m", model_dir, "--no-context", "--icl", corpus, "-c",
             tmp_path / "c.safetensors", "--max-new-tokens", "12")
-    theirs, ours = run_cart(*args), run_cart(*args, "--engine", "vllm")
+    theirs, ours = run_cart(*args), run_cart_subprocess(*args, "--engine", "vllm")
     assert theirs.returncode == 0 and ours.returncode == 0, ours.stderr.decode()
     a, b = _records(ours.stdout), _records(theirs.stdout)
     assert len(a) == len(b) == 3 * len(QUESTIONS)

@@ -7,8 +7,8 @@ from typing import Any
 
 from cart.io import CartError
 
-ENGINES = ("transformers", "vllm")
-DTYPES = ("float32", "bfloat16", "float16")
+ENGINES = ("auto", "transformers", "vllm")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def check_runtime(engine: str, dtype: str) -> None:
@@ -19,11 +19,36 @@ def check_runtime(engine: str, dtype: str) -> None:
         raise CartError(f"--dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {dtype!r}")
 
 
-def get_engine(name: str, model: str | None, dtype: str = "float32", device: str = "cpu",
+def resolve_runtime(engine: str, dtype: str, device: str) -> tuple[str, str]:
+    """``auto`` made concrete for a (resolved) device: the engine is vLLM where it is
+    importable and the device is a GPU, else transformers; the dtype bfloat16 on a GPU, else
+    float32 (bfloat16 generation on a CPU has not been measured to pay)."""
+    check_runtime(engine, dtype)
+    gpu = device.startswith("cuda")
+    if engine == "auto":
+        import importlib.util
+
+        engine = "vllm" if gpu and importlib.util.find_spec("vllm") is not None else "transformers"
+    return engine, ("bfloat16" if gpu else "float32") if dtype == "auto" else dtype
+
+
+def with_runtime(cfg: Any) -> Any:
+    """A stage config (``engine``, ``dtype``, ``device`` fields) with its engine and dtype made
+    concrete, so outputs record what ran."""
+    from dataclasses import replace
+
+    from cart.models import resolve_device
+
+    engine, dtype = resolve_runtime(cfg.engine, cfg.dtype, resolve_device(cfg.device))
+    return replace(cfg, engine=engine, dtype=dtype)
+
+
+def get_engine(name: str, model: str | None, dtype: str = "auto", device: str = "cpu",
                console: Any = None, top_k: int = 0):
     """``top_k``: the most teacher log-probs a request will ask for (vLLM reserves room for
-    them when it starts: its ``max_logprobs``)."""
-    check_runtime(name, dtype)
+    them when it starts: its ``max_logprobs``). ``name`` and ``dtype`` may be ``auto``
+    (``resolve_runtime``)."""
+    name, dtype = resolve_runtime(name, dtype, device)
     if name == "transformers":
         from cart.engines.hf import TransformersEngine
 

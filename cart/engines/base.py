@@ -1,12 +1,14 @@
-"""The engine interface: batched generation from token ids, with optional top-k log-probs of
-the model's own (unprocessed) next-token distribution at every generated position, and
-teacher-forced scoring of given continuations. Either can start from a KV prefix (a cartridge):
-the prompt then begins at position ``KVPrefix.tokens``."""
+"""The engine contracts (``Engine``, ``RunningBatch``): batched generation from token ids, with
+optional top-k log-probs of the model's own (unprocessed) next-token distribution at every
+generated position; teacher-forced scoring of given continuations; and a running batch that
+requests join and leave between decode steps (``cart serve``'s continuous batching). Each can
+start from a KV prefix (a cartridge): the prompt then begins at ``KVPrefix.query_position``.
+``cart.engines.hf`` and ``cart.engines.vllm`` implement them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 
 @dataclass
@@ -33,18 +35,17 @@ class KVPrefix:
 
     key: str
     kv: list[tuple[Any, Any]]
-    tokens: int
-    # Position of the first token after the prefix (None: ``tokens``). A composed cartridge's
-    # parts were each trained with queries at their own p, so its queries sit there, not at the
-    # sum of the parts (cart.cartridge.Cartridge.query_position).
-    next_position: int | None = None
+    num_tokens: int
+    # Position of the first token after the prefix (None: ``num_tokens``). A composed
+    # cartridge's parts were each trained with queries at their own p, so its queries sit
+    # there, not at the sum of the parts (cart.cartridge.Cartridge.query_position).
+    query_position: int | None = None
     # per layer [kv_heads, n] additive attention-logit biases (compacted cartridges), or None
     bias: list[Any] | None = None
 
-    @property
-    def first_position(self) -> int:
-        """The position of the first token after the prefix."""
-        return self.tokens if self.next_position is None else self.next_position
+    def __post_init__(self):
+        if self.query_position is None:
+            self.query_position = self.num_tokens
 
     @classmethod
     def of_cartridge(cls, cart: Any, key: str) -> KVPrefix:
@@ -152,19 +153,41 @@ def eos_token_ids(eos: int | list[int] | None, tokenizer: Any) -> set[int]:
     return ids
 
 
-class Engine:
-    """What the self-study algorithm needs from a model runtime."""
+class RunningBatch(Protocol):
+    """A continuous batch (``Engine.open_batch``): requests join it and leave it between decode
+    steps. ``cart serve``'s scheduler drives one from a single thread (no call overlaps)."""
+
+    def add(self, requests: list[GenerationRequest], seeds: list[int]) -> list[Any]:
+        """Prefill ``requests`` (request i samples from ``seeds[i]`` alone) and return one row
+        per request, in order: an opaque handle, compared by identity, that ``StepEvent.row``
+        and ``drop`` name it by. If it raises, the batch is as it was."""
+
+    def drop(self, rows: list[Any]) -> None:
+        """Take rows out before the next step (cancelled requests)."""
+
+    def step(self) -> list[StepEvent]:
+        """Decode: the rows' new tokens in order (a row may give several); a ``done`` event is
+        a row's last, and it has left the batch then. If it raises, the batch's state is
+        unknown: open a new one."""
+
+    def kv_bytes(self) -> int:
+        """Bytes of KV the rows hold now (a shared KV prefix counted as the engine holds it)."""
+
+
+class Engine(Protocol):
+    """What self-study, eval and serve need from a model runtime (``cart.engines.get_engine``)."""
 
     tokenizer: Any
     identity: Any  # cart.models.ModelIdentity (its model_id names the model)
     eos_token_ids: set[int]
-    max_context: int
+    max_context: int  # the model's context length, in tokens
 
     def generate(self, requests: list[GenerationRequest], seed: int) -> list[Generation]:
         """Run a batch. Same requests + same seed = same output (the batch is the unit of
         determinism: keep batch composition fixed to reproduce a run)."""
-        raise NotImplementedError
 
     def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
         """Per request, the natural-log probability of each target token."""
-        raise NotImplementedError
+
+    def open_batch(self) -> RunningBatch:
+        """An empty running batch."""

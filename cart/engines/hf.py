@@ -15,8 +15,12 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from cart.engines.base import (NON_FINITE, Engine, Generation, GenerationRequest, KVPrefix, ScoreRequest,
-                               StepEvent, TopK, eos_token_ids, finite_rows, loop_start, sample_token)
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer  # (this module is imported only to run a model)
+
+from cart.engines.base import (NON_FINITE, Engine, Generation, GenerationRequest, KVPrefix, RunningBatch,
+                               ScoreRequest, StepEvent, TopK, eos_token_ids, finite_rows, loop_start,
+                               sample_token)
 from cart.io import CartError
 from cart.models import context_length
 
@@ -91,7 +95,7 @@ class TransformersEngine(Engine):
         """Position ids of prompt tokens ``start..end-1`` (after the KV prefix, if any)."""
         import torch
 
-        first = 0 if kv_prefix is None else kv_prefix.first_position
+        first = 0 if kv_prefix is None else kv_prefix.query_position
         return torch.arange(first + start, first + end, device=self.model.device).unsqueeze(0)
 
     def prefix_layers(self, kv_prefix: KVPrefix) -> list[tuple[Any, Any]]:
@@ -175,15 +179,6 @@ class TransformersEngine(Engine):
             self._prefixes.pop(next(iter(self._prefixes)))
         return kv
 
-    def forward_logprobs(self, input_ids: list[int]):
-        """Log-probs of the next token at every position of one unpadded sequence
-        (``[T, vocab]``): the reference the stored teacher targets are checked against."""
-        import torch
-
-        with torch.inference_mode():
-            logits = self.model(input_ids=torch.tensor([input_ids], device=self.model.device)).logits[0]
-        return torch.log_softmax(logits.float(), dim=-1)
-
 
 @dataclass(eq=False)
 class BatchRow:
@@ -196,7 +191,7 @@ class BatchRow:
     position: int  # position id of the next token fed back
 
 
-class TransformersBatch:
+class TransformersBatch(RunningBatch):
     """A running batch: per-row caches laid out left-padded in preallocated buffers (decoding
     writes in place), a mask, next positions and pending next-token logits. ``add`` prefills
     newcomers one by one and lays every row out again; ``step`` picks a token for every row,
@@ -223,7 +218,7 @@ class TransformersBatch:
                 if r.max_new_tokens < 1:
                     raise ValueError("max_new_tokens must be >= 1")
                 kv, last = engine.prefill(r)
-                first = r.kv_prefix.first_position if r.kv_prefix else 0
+                first = r.kv_prefix.query_position if r.kv_prefix else 0
                 fresh.append(BatchRow(r, torch.Generator(device="cpu").manual_seed(seed),
                                       Generation([], False), len(r.prompt_ids), first + len(r.prompt_ids)))
                 kvs.append(kv)
@@ -235,8 +230,6 @@ class TransformersBatch:
         """Copy the current rows and the newcomers into new left-padded buffers just wide
         enough for the longest row and with room for every token still to come."""
         import torch
-
-        from cart.kvcache import preallocated_cache
 
         device = self.engine.model.device
         old = self.rows
@@ -365,3 +358,41 @@ class TransformersBatch:
                 row.position += 1
             self.positions = self.positions + 1
         return events
+
+
+def preallocated_cache(model: Any, key_buffers: list[Any], value_buffers: list[Any], length: int):
+    """A DynamicCache over per-layer buffers ``[B, kv_heads, capacity, d]`` whose first
+    ``length`` positions are filled: decoding writes in place instead of re-concatenating the
+    whole cache at every step (a full copy of it per token)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    cache.layers = [PreallocatedLayer(k, v, length) for k, v in zip(key_buffers, value_buffers)]
+    return cache
+
+
+class PreallocatedLayer(DynamicLayer):
+    """One layer of a ``preallocated_cache``: keys and values written into its buffers."""
+
+    def __init__(self, key_buffer, value_buffer, length: int):
+        super().__init__()
+        self._k, self._v, self._n = key_buffer, value_buffer, length
+        self.dtype, self.device = key_buffer.dtype, key_buffer.device
+        self.is_initialized = True
+        self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self._n + key_states.shape[-2]
+        if end > self._k.shape[2]:  # out of room: double (amortised), like a vector
+            pad = (0, 0, 0, max(end, 2 * self._k.shape[2]) - self._k.shape[2])
+            self._k, self._v = F.pad(self._k, pad), F.pad(self._v, pad)
+        self._k[:, :, self._n:end] = key_states
+        self._v[:, :, self._n:end] = value_states
+        self._n = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def keep_rows(self, rows):
+        """Drop the batch rows not in ``rows`` (finished generations)."""
+        self._k, self._v = self._k.index_select(0, rows), self._v.index_select(0, rows)
+        self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cart.engines.base import (Engine, Generation, GenerationRequest, KVPrefix, ScoreRequest, StepEvent,
-                               TopK, eos_token_ids, loop_start)
+from cart.engines.base import (Engine, Generation, GenerationRequest, KVPrefix, RunningBatch, ScoreRequest,
+                               StepEvent, TopK, eos_token_ids, loop_start)
 from cart.io import CartError
 
 VLLM_VERSION = "0.32.0"  # the connector API is experimental: cart[vllm] pins this release
@@ -158,7 +158,7 @@ class VLLMEngine(Engine):
             salt = self._salts.get(kv_prefix)
         if salt is not None:
             return salt
-        shift = kv_prefix.tokens - kv_prefix.first_position
+        shift = kv_prefix.num_tokens - kv_prefix.query_position
         tensors, digest = {}, hashlib.sha256()
         for i, (k, v) in enumerate(kv_prefix.kv):
             k = move_keys(self.config, k.detach().to("cpu", torch.float32), shift)
@@ -167,7 +167,7 @@ class VLLMEngine(Engine):
                 tensors[name] = t
                 digest.update(name.encode() + str(tuple(t.shape)).encode())
                 digest.update(t.numpy().tobytes())
-        salt = cartridge_salt(kv_prefix.tokens, digest.hexdigest()[:48])
+        salt = cartridge_salt(kv_prefix.num_tokens, digest.hexdigest()[:48])
         path = self.spool / f"{salt}.safetensors"
         with self._spool_lock:
             if not path.exists():
@@ -193,8 +193,8 @@ class VLLMEngine(Engine):
         if kv_prefix is None:
             return {"prompt_token_ids": list(prompt_ids)}, None
         salt = self.salt_of(kv_prefix)
-        return ({"prompt_token_ids": [self.placeholder] * kv_prefix.tokens + list(prompt_ids),
-                 "cache_salt": salt}, {"cartridge": salt, "tokens": kv_prefix.tokens})
+        return ({"prompt_token_ids": [self.placeholder] * kv_prefix.num_tokens + list(prompt_ids),
+                 "cache_salt": salt}, {"cartridge": salt, "tokens": kv_prefix.num_tokens})
 
     def submit(self, prompt: dict, params: Any) -> str:
         """Add one request to vLLM after checking that it cannot read or leave behind a
@@ -322,7 +322,7 @@ class VLLMEngine(Engine):
         return VLLMBatch(self)
 
 
-class VLLMBatch:
+class VLLMBatch(RunningBatch):
     """``cart serve``'s view of vLLM: requests join (``add``) and leave (``drop``) at any
     step; vLLM's own scheduler batches them (continuous batching, chunked prefill, paged KV)."""
 
@@ -358,11 +358,11 @@ class VLLMBatch:
         ident = self.engine.identity
         # counted in float32 (an upper bound for a 16-bit cache)
         per_token = kv_bytes_per_token(ident.num_layers, ident.kv_heads, ident.head_dim, "float32")
-        return per_token * sum((row.request.kv_prefix.tokens if row.request.kv_prefix else 0)
+        return per_token * sum((row.request.kv_prefix.num_tokens if row.request.kv_prefix else 0)
                                + len(row.request.prompt_ids) + len(row.out.token_ids)
                                for row in self.rows.values())
 
-    def step(self) -> list[Any]:
+    def step(self) -> list[StepEvent]:
         if not self.rows:
             return []
         events = []

@@ -1,0 +1,27 @@
+"""Plain forward passes (a transformers cache, no cart engine) that tests check cart against."""
+
+import torch
+
+
+def kv_cache(model, kv):
+    """A DynamicCache holding per-layer ``[kv_heads, n, head_dim]`` keys and values (a
+    cartridge's, or ``cart.kvcache.prefix_kv``'s): the model attends to them as to n tokens
+    before its input."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for i, (k, v) in enumerate(kv):
+        cache.update(k.unsqueeze(0), v.unsqueeze(0), i)
+    return cache
+
+
+def cartridge_cache(model, cart):
+    """``kv_cache`` of a cartridge (``cart.cartridge.Cartridge``): its keys and values, sink first."""
+    return kv_cache(model, [cart.layer(i) for i in range(cart.num_layers)])
+
+
+def next_token_logprobs(model, ids: list[int]):
+    """Log-probs of the next token at every position of one unpadded sequence (``[T, vocab]``)."""
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
