@@ -105,14 +105,12 @@ def build_methods(engine: Engine, *, no_context: bool, icl: Sequence[str], trunc
                                   info={"corpus_tokens": n}))
     names = [_cartridge_name(p, cartridges) for p in cartridges]
     for path, name in zip(cartridges, names):
-        from cart.cartridge import Cartridge, read_cartridge_bytes
+        from cart.cartridge import Cartridge
 
-        data = read_cartridge_bytes(path, engine.identity)
-        cart = Cartridge.from_bytes(data, path, engine.identity)
-        digest = sha256_hex(data)
+        cart = Cartridge.load(path, engine.identity)
         methods.append(Method(name, "cartridge", cart.num_tokens, path,
-                              kv_prefix=KVPrefix.of_cartridge(cart, digest),
-                              digest=digest,
+                              kv_prefix=KVPrefix.of_cartridge(cart, cart.file_sha256),
+                              digest=cart.file_sha256,
                               info={"p": cart.num_tokens, "corpus_tokens": cart.metadata.get("corpus_tokens"),
                                     "parts": len(cart.metadata.get("parts") or []) or None}))
     if not methods:

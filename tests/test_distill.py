@@ -295,12 +295,14 @@ def test_cli_terminal_output_goes_to_a_named_file(tmp_path, tiny, convos, cart_h
     assert b"\x00" not in output
 
 
-def test_cli_resume_after_kill_is_exact(tmp_path, tiny, convos, cart_home):
+def test_cli_resume_after_kill_is_exact(tmp_path, tiny, convos, cart_home, run_cart):
+    """(Only the killed run needs a process of its own.)"""
     model_dir = tiny[0]
     args = [str(CART), "distill", str(convos), "-m", str(model_dir), "-p", "6", "--steps", "40",
             "--batch-size", "1", "--seq-len", "40", "--save-every", "1", "--dtype", "float32"]
     whole = tmp_path / "whole.safetensors"
-    subprocess.run([*args, "-o", str(whole)], check=True, env=env_for(cart_home), capture_output=True)
+    proc = run_cart(*args[1:], "-o", whole)
+    assert proc.returncode == 0, proc.stderr.decode()
     resumed = tmp_path / "resumed.safetensors"
     ckpt = Path(str(resumed) + ".ckpt")
     log = tmp_path / "log.jsonl"
@@ -314,8 +316,8 @@ def test_cli_resume_after_kill_is_exact(tmp_path, tiny, convos, cart_home):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt.exists() and not resumed.exists(), "the run finished before it could be killed"
-    subprocess.run([*args, "-o", str(resumed), "--log", str(log)], check=True, env=env_for(cart_home),
-                   capture_output=True)
+    proc = run_cart(*args[1:], "-o", resumed, "--log", log)
+    assert proc.returncode == 0, proc.stderr.decode()
     a, b = load(whole), load(resumed)
     for x, y in zip(a.keys + a.values, b.keys + b.values):
         assert torch.equal(x, y)
@@ -492,14 +494,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_match_one(tmp_path, tiny, convos, cart_home):
+def test_torchrun_two_processes_match_one(tmp_path, tiny, convos, cart_home, run_cart):
     """Same global batch (4 rows): 2 gloo processes x 1 micro-step == 1 process x 2 micro-steps."""
     model_dir = tiny[0]
     common = [str(convos), "-m", str(model_dir), "-p", "6", "--steps", "5", "--batch-size", "4",
               "--seq-len", "30", "--dtype", "float32", "--init", "corpus"]
     one = tmp_path / "one.safetensors"
-    subprocess.run([str(CART), "distill", *common, "--grad-accum", "2", "-o", str(one)], check=True,
-                   env=env_for(cart_home), capture_output=True)
+    proc = run_cart("distill", *common, "--grad-accum", "2", "-o", one)
+    assert proc.returncode == 0, proc.stderr.decode()
     two = tmp_path / "two.safetensors"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(_free_port()), "-m", "cart",

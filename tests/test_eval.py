@@ -159,16 +159,16 @@ def test_table_and_stdin(files, run_cart):
     assert len(proc.stdout.splitlines()) == 14
 
 
-def test_resume_after_kill(files, tmp_path, cart_home):
+def test_resume_after_kill(files, tmp_path, cart_home, run_cart):
     """SIGKILL mid-run, rerun the same command: the finished batches are kept, the output equals
-    an uninterrupted run's."""
+    an uninterrupted run's. (Only the killed run needs a process of its own.)"""
     many = [q(f"m{i}", f"Question number {i}: who founded it?", ["Ilsa Voss"]) for i in range(30)]
     qf = write_jsonl(tmp_path / "many.jsonl", many)
     env = {**os.environ, "CART_HOME": str(cart_home)}
     base = [str(CART), "eval", str(qf), "-m", str(files["model"]), "--no-context", "--icl",
             str(files["corpus"]), "--max-new-tokens", 24, "--batch-size", 1, "--no-stop-loops"]
     base = [str(x) for x in base]
-    ref = subprocess.run(base + ["-o", str(tmp_path / "ref.jsonl")], env=env, capture_output=True)
+    ref = run_cart(*base[1:], "-o", tmp_path / "ref.jsonl")
     assert ref.returncode == 0, ref.stderr.decode()
     out = tmp_path / "out.jsonl"
     partial = tmp_path / "out.jsonl.partial"
@@ -183,13 +183,13 @@ def test_resume_after_kill(files, tmp_path, cart_home):
     assert partial.exists() and not out.exists()
     done = partial.read_bytes().count(b"\n") - 1
     assert 5 <= done < 60
-    again = subprocess.run(base + ["-o", str(out)], env=env, capture_output=True)
+    again = run_cart(*base[1:], "-o", out)
     assert again.returncode == 0, again.stderr.decode()
     assert not partial.exists()
     assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
     # a partial file of other settings is refused, not mixed in
     partial.write_bytes(b'{"run": "0123456789abcdef"}\n')
-    err = subprocess.run(base + ["-o", str(out)], env=env, capture_output=True)
+    err = run_cart(*base[1:], "-o", out)
     assert err.returncode == 1
     assert err.stderr.decode().strip() == (f"cart: error: {partial}: partial results of another run "
                                            f"(other questions, methods or settings); delete it to "

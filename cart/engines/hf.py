@@ -287,7 +287,8 @@ class TransformersBatch(RunningBatch):
         if len(keep) == len(self.rows):
             return
         if not keep:
-            self.rows, self.cache, self.mask, self.positions, self.logits, self._groups = [], None, None, None, None, None
+            self.rows, self.cache, self.mask = [], None, None
+            self.positions = self.logits = self._groups = None
             return
         index = torch.tensor(keep, device=self.engine.model.device)
         for layer in self.cache.layers:
