@@ -14,8 +14,20 @@ p tokens and not trained: serving speed depends on p, not on the values in the c
 
 Reported per arm: aggregate tokens/s (all generated tokens / wall time from the first request to
 the last token), time to first token (mean and max over users), and KV memory (the server's
-measured peak of KV held by the running batch, and tokens x bytes per token). Run alone:
+measured peak of KV held by the running batch, and the model of it below). Run alone:
 competing CPU load skews timings on a 2-core machine.
+
+--memory-limited (the paper's appendix A.6): for the given corpus size, each method runs the
+largest batch of users whose KV fits a memory budget (--memory-gib; default: on CUDA 90% of
+the device's free memory minus the weights, on a CPU 0.5 GiB so that it runs in a minute or
+two), capped by --max-users (default 16 on a CPU, 1024 on a GPU). KV a batch of B users needs,
+as cart serve's transformers engine holds it (``TransformersBatch.kv_bytes``, which /health
+reports): B rows padded to the longest prompt with room for --max-tokens (ICL: template +
+corpus + question; cartridge: question) -- counted --row-copies times (default 2: the engine
+prefills newcomers into caches of their own and then copies them into the batch's buffers, so
+while a batch forms both exist) -- plus, with cartridges, each distinct cartridge once (p
+tokens) and once more when a batch mixes several (the padded stack of ``cart.attention``).
+Every user has a cartridge of their own unless --cartridges K (users share K round-robin).
 """
 
 from __future__ import annotations
@@ -44,13 +56,18 @@ def free_port() -> int:
 
 
 def start_server(carts: Path, model: str | None, max_batch: int, engine: str = "transformers",
-                 device: str = "auto", dtype: str = "auto") -> tuple[subprocess.Popen, str]:
+                 device: str = "auto", dtype: str = "auto",
+                 cache_bytes: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A `cart serve` process decoding up to ``max_batch`` requests together (and admitting
+    that many plus a warm-up one); ``cache_bytes``: its --cache-bytes for loaded cartridges."""
     import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "cart", "serve", "--cartridges", str(carts), "--port", str(port),
-           "--max-batch", str(max_batch), "--engine", engine, "--device", device, "--dtype", dtype,
-           "-q"]
+           "--max-batch", str(max_batch), "--max-concurrent", str(max(64, max_batch + 1)),
+           "--engine", engine, "--device", device, "--dtype", dtype, "-q"]
+    if cache_bytes:
+        cmd += ["--cache-bytes", str(cache_bytes)]
     if model:
         cmd += ["-m", model]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -84,11 +101,17 @@ async def one_user(client, model: str, messages: list[dict], max_tokens: int, t0
 
 def run_arm(url: str, jobs: list[tuple[str, list[dict]]], max_tokens: int) -> dict:
     import httpx
-    from openai import AsyncOpenAI
+    from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
     async def go():
-        client = AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
-        # warm-up: one short request on the first job's model (allocations, first-call costs)
+        # every user on a connection of their own (the client's default pool holds 1000)
+        limits = httpx.Limits(max_connections=len(jobs) + 8, max_keepalive_connections=len(jobs) + 8)
+        client = AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600,
+                             http_client=DefaultAsyncHttpxClient(limits=limits))
+        # warm-up, untimed: listing the models reads every cartridge file into the server's
+        # cache (as a server that has been running would hold them); one short request on the
+        # first job's model (allocations, first-call costs)
+        await client.models.list()
         await client.chat.completions.create(model=jobs[0][0], messages=[{"role": "user", "content": "hi"}],
                                              max_tokens=2, temperature=0)
         t0 = time.perf_counter()
@@ -104,10 +127,13 @@ def run_arm(url: str, jobs: list[tuple[str, list[dict]]], max_tokens: int) -> di
             "kv_bytes_peak": health["kv_bytes_peak"], "batch_peak": health["batch_peak"]}
 
 
-def workload(engine, users: int, corpus_tokens: int, p: int, max_tokens: int, carts: Path):
-    """Each user's corpus (a window of the example corpora), with that user's p-token cartridge
-    saved in ``carts`` as userN. Returns (ICL jobs, cartridge jobs, ICL KV tokens, cartridge KV
-    tokens): a job is (model, messages)."""
+def workload(engine, users: int, corpus_tokens: int, p: int, max_tokens: int, carts: Path,
+             cartridges: int | None = None):
+    """Each user's corpus (a window of the example corpora), with a p-token cartridge of it
+    saved in ``carts`` as userN -- one per user, or with ``cartridges`` K the first K users'
+    and user i asks cartridge user{i % K}. Returns (ICL jobs, cartridge jobs, ICL prompt
+    lengths, cartridge prompt lengths): a job is (model, messages); the lengths are in tokens,
+    the prompt after a cartridge without it."""
     import torch
 
     from cart.chat import SYSTEM_TEMPLATE, render_cartridge_ids, render_ids
@@ -126,86 +152,209 @@ def workload(engine, users: int, corpus_tokens: int, p: int, max_tokens: int, ca
     md = {"base_model": ident.model_id, "model_config_hash": ident.config_hash,
           "tokenizer_hash": ident.tokenizer_hash}
     question = [{"role": "user", "content": QUESTION}]
-    icl_jobs, cart_jobs, icl_tokens, cart_tokens = [], [], 0, 0
+    distinct = min(cartridges or users, users)
+    question_len = len(render_cartridge_ids(tok, question, True)[0])
+    icl_jobs, cart_jobs, icl_lens, cart_lens = [], [], [], []
     for i, ids in enumerate(corpora):
-        with torch.inference_mode():
-            cart = cartridge_from_tokens(engine.model, torch.tensor(ids[:p], device=engine.model.device),
-                                         metadata=md)
-        cart.save(carts / f"user{i}.safetensors")
+        if i < distinct:
+            with torch.inference_mode():
+                cart = cartridge_from_tokens(engine.model, torch.tensor(ids[:p], device=engine.model.device),
+                                             metadata=md)
+            cart.save(carts / f"user{i}.safetensors")
         icl_msgs = [{"role": "system", "content": SYSTEM_TEMPLATE.format(chunk=tok.decode(ids))}] + question
         icl_jobs.append((ident.model_id, icl_msgs))
-        cart_jobs.append((f"user{i}", question))
-        icl_tokens += len(render_ids(tok, icl_msgs, True)[0]) + max_tokens
-        cart_tokens += p + len(render_cartridge_ids(tok, question, True)[0]) + max_tokens
-    return icl_jobs, cart_jobs, icl_tokens, cart_tokens
+        cart_jobs.append((f"user{i % distinct}", question))
+        icl_lens.append(len(render_ids(tok, icl_msgs, True)[0]))
+        cart_lens.append(question_len)
+    return icl_jobs, cart_jobs, icl_lens, cart_lens
+
+
+def kv_bytes_model(prompt_lens: list[int], max_tokens: int, per_token: int, p: int = 0,
+                   cartridges: int = 0, row_copies: int = 1) -> int:
+    """KV bytes cart serve's transformers engine holds for these users decoded together
+    (``TransformersBatch.kv_bytes``): the rows padded to the longest prompt with room for
+    ``max_tokens`` (times ``row_copies``, see the module docstring), each of ``cartridges``
+    distinct p-token cartridges once, and once more stacked when there are several."""
+    if not prompt_lens:
+        return 0
+    rows = len(prompt_lens) * (max(prompt_lens) + max_tokens) * row_copies
+    return (rows + cartridges * p * (2 if cartridges > 1 else 1)) * per_token
+
+
+def fits(budget: int, prompt_lens: list[int], max_tokens: int, per_token: int, p: int = 0,
+         cartridges: int | None = None, row_copies: int = 1) -> int:
+    """The largest batch of the first users of ``prompt_lens`` whose KV (``kv_bytes_model``)
+    fits ``budget`` bytes; ``cartridges``: distinct cartridges they share round-robin (None:
+    one each; 0: ICL, none)."""
+    def need(b):
+        k = 0 if cartridges == 0 else min(b, cartridges or b)
+        return kv_bytes_model(prompt_lens[:b], max_tokens, per_token, p, k, row_copies)
+
+    lo, hi = 0, len(prompt_lens)  # need() grows with b: the largest b with need(b) <= budget
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if need(mid) <= budget else (lo, mid - 1)
+    return lo
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--users", type=int, default=4, help="concurrent users (default 4)")
+    ap.add_argument("--users", type=int, default=4, help="concurrent users (default 4; "
+                    "--memory-limited picks them)")
     ap.add_argument("--corpus-tokens", type=int, default=2048, help="tokens per user's corpus")
     ap.add_argument("-p", type=int, default=128, help="cartridge tokens (default 128)")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens generated per user")
-    ap.add_argument("--model", default=None, help="model (default: the embedded SmolLM2)")
+    ap.add_argument("--model", default=None, help="model: a local folder, a .gguf (default: the "
+                    "embedded SmolLM2)")
     ap.add_argument("--device", default="auto", help="cpu, cuda ... or auto (cart serve's --device)")
     ap.add_argument("--dtype", default="auto", help="cart serve's --dtype (default auto: bfloat16 "
                     "on a GPU, float32 on a CPU)")
+    ap.add_argument("--cartridges", type=int, default=None, help="distinct cartridges, shared by "
+                    "the users round-robin (default: one per user)")
+    ap.add_argument("--memory-limited", action="store_true", help="each method runs the largest "
+                    "batch of users whose KV fits --memory-gib (the paper's appendix A.6)")
+    ap.add_argument("--memory-gib", type=float, default=None, help="KV budget with "
+                    "--memory-limited (default: on CUDA 90%% of the free memory minus the "
+                    "weights; on a CPU 0.5)")
+    ap.add_argument("--max-users", type=int, default=None, help="cap on a --memory-limited "
+                    "batch (default 16 on a CPU, 1024 on a GPU)")
+    ap.add_argument("--row-copies", type=int, default=2, help="copies of a row's KV counted by "
+                    "--memory-limited (default 2: see the module docstring)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
+
+    import gc
 
     import torch
 
     from cart.cartridge import kv_bytes_per_token
+    from cart.chat import render_cartridge_ids
     from cart.engines import resolve_runtime
     from cart.engines.hf import TransformersEngine
     from cart.models import resolve_device
 
     device = resolve_device(args.device)
+    cuda = device.startswith("cuda")
     dtype = resolve_runtime("transformers", args.dtype, device)[1]
+    free = torch.cuda.mem_get_info(torch.device(device))[0] if cuda else None
     engine = TransformersEngine.load(args.model, dtype=dtype, device=device)
     ident = engine.identity
-    span = args.corpus_tokens
+    weights = sum(t.numel() * t.element_size() for t in engine.model.parameters())
+    weights += sum(t.numel() * t.element_size() for t in engine.model.buffers())
+    span, p, gen = args.corpus_tokens, args.p, args.max_tokens
     per_token = kv_bytes_per_token(ident.num_layers, ident.kv_heads, ident.head_dim, dtype)
+    gib, mib = float(1 << 30), float(1 << 20)
+    memory = None
+    if args.memory_limited:
+        if args.memory_gib is not None:
+            budget, source = int(args.memory_gib * gib), "--memory-gib"
+        elif cuda:
+            budget = int(0.9 * (free - weights))
+            source = (f"90% of ({free / gib:.1f} GiB free on {device} - {weights / gib:.1f} GiB "
+                      f"of weights)")
+        else:
+            budget, source = int(0.5 * gib), "the CPU default"
+        cap = args.max_users or (1024 if cuda else 16)
+        question = [{"role": "user", "content": QUESTION}]
+        q_len = len(render_cartridge_ids(engine.tokenizer, question, True)[0])
+        cart_users = fits(budget, [q_len] * cap, gen, per_token, p, args.cartridges, args.row_copies)
+        users = cap
+        distinct = min(args.cartridges or cart_users, cart_users) or 1
+        try:  # every user holds a connection to the server
+            import resource
+
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ImportError, ValueError, OSError):
+            pass
+    else:
+        users = args.users
+        distinct = min(args.cartridges or users, users)
     with tempfile.TemporaryDirectory() as tmp:
         carts = Path(tmp)
-        icl_jobs, cart_jobs, icl_tokens, cart_tokens = workload(
-            engine, args.users, span, args.p, args.max_tokens, carts)
+        icl_jobs, cart_jobs, icl_lens, cart_lens = workload(engine, users, span, p, gen, carts, distinct)
         del engine
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        if args.memory_limited:
+            icl_users = fits(budget, icl_lens, gen, per_token, 0, 0, args.row_copies)
+            if icl_users == 0 or cart_users == 0:
+                raise SystemExit(f"a single user does not fit {budget / gib:.2f} GiB ({source}): "
+                                 f"ICL {icl_users}, cartridge {cart_users} users")
+            icl_jobs, icl_lens = icl_jobs[:icl_users], icl_lens[:icl_users]
+            cart_jobs, cart_lens = cart_jobs[:cart_users], cart_lens[:cart_users]
+            memory = {"budget_bytes": budget, "budget_source": source, "max_users": cap,
+                      "row_copies": args.row_copies, "kv_bytes_per_token": per_token,
+                      "weights_bytes": weights, "icl_users": icl_users, "cartridge_users": cart_users,
+                      "distinct_cartridges": distinct,
+                      "icl_kv_bytes_per_user": (max(icl_lens) + gen) * per_token,
+                      "cartridge_kv_bytes_per_user": (max(cart_lens) + gen) * per_token,
+                      "cartridge_kv_bytes": p * per_token}
+        # the server's cartridge cache: room for every distinct cartridge (float32 at most)
+        cache_bytes = max(4 << 30, 2 * distinct * p * kv_bytes_per_token(
+            ident.num_layers, ident.kv_heads, ident.head_dim, "float32"))
         arms = {}
-        for name, jobs in (("ICL (corpus in context)", icl_jobs), (f"cartridge p={args.p}", cart_jobs)):
-            proc, url = start_server(carts, args.model, max(args.users, 1), device=device, dtype=dtype)
+        for name, jobs in (("ICL (corpus in context)", icl_jobs), (f"cartridge p={p}", cart_jobs)):
+            proc, url = start_server(carts, args.model, len(jobs), device=device, dtype=dtype,
+                                     cache_bytes=cache_bytes)
             try:
-                arms[name] = run_arm(url, jobs, args.max_tokens)
+                arms[name] = run_arm(url, jobs, gen)
             finally:
                 proc.terminate()
                 proc.wait(120)
-        arms["ICL (corpus in context)"]["kv_bytes_model"] = icl_tokens * per_token
-        arms[f"cartridge p={args.p}"]["kv_bytes_model"] = cart_tokens * per_token
+            arms[name]["users"] = len(jobs)
+        arms["ICL (corpus in context)"]["kv_bytes_model"] = kv_bytes_model(icl_lens, gen, per_token)
+        arms[f"cartridge p={p}"]["kv_bytes_model"] = kv_bytes_model(
+            cart_lens, gen, per_token, p, min(distinct, len(cart_jobs)))
 
     (a_name, a), (b_name, b) = arms.items()
     threads = torch.get_num_threads()
-    print(f"conditions: {args.users} concurrent users, each a different {span}-token corpus "
-          f"(windows of examples/orbital + meridian); {args.max_tokens} tokens generated per user "
-          f"(greedy, ignore_eos, streamed); cartridge p={args.p} (initialised from the corpus's "
-          f"first tokens: speed does not depend on the values); one `cart serve` process per "
-          f"arm, transformers engine, {dtype} on {device}, continuous batching (max batch {args.users}); "
-          f"{ident.model_id}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} with {threads} threads; run alone on the machine")
-    mib = 1024 * 1024
-    print(f"{'':26}{'tokens/s':>10}{'TTFT mean':>11}{'TTFT max':>10}{'wall s':>8}"
+    hw = (torch.cuda.get_device_name(torch.device(device)) if cuda else
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    shared = (f"{distinct} distinct cartridges shared round-robin" if args.cartridges
+              else "each user their own")
+    if memory:
+        who = (f"the largest batch of users whose KV fits {budget / gib:.2f} GiB ({source}; rows "
+               f"counted x{args.row_copies}), capped at {cap}: ICL {a['users']}, cartridge "
+               f"{b['users']} users")
+    else:
+        who = f"{users} concurrent users"
+    print(f"conditions: {who}, each a different {span}-token corpus (windows of examples/orbital "
+          f"+ meridian); {gen} tokens generated per user (greedy, ignore_eos, streamed); "
+          f"cartridge p={p}, {shared} (initialised from the corpus's first tokens: speed does "
+          f"not depend on the values); one `cart serve` process per arm, transformers engine, "
+          f"{dtype} on {device}, continuous batching (max batch = the arm's users); "
+          f"{ident.model_id} ({ident.num_layers} layers, {ident.kv_heads} KV heads x "
+          f"{ident.head_dim}, {per_token} B of KV per token); {hw}, torch {torch.__version__} "
+          f"with {threads} threads; run alone on the machine")
+    if memory:
+        print(f"KV per user: ICL {memory['icl_kv_bytes_per_user'] / mib:.1f} MiB, cartridge "
+              f"{memory['cartridge_kv_bytes_per_user'] / mib:.2f} MiB + the cartridge "
+              f"{memory['cartridge_kv_bytes'] / mib:.2f} MiB (x2 when a batch mixes several) "
+              f"per distinct cartridge")
+    print(f"{'':26}{'users':>6}{'tokens/s':>10}{'TTFT mean':>11}{'TTFT max':>10}{'wall s':>8}"
           f"{'KV peak':>11}{'KV model':>11}")
     for name, r in arms.items():
-        print(f"{name:26}{r['tokens_per_s']:>10.1f}{r['ttft_mean_s']:>10.2f}s{r['ttft_max_s']:>9.2f}s"
-              f"{r['wall_s']:>8.1f}{r['kv_bytes_peak'] / mib:>8.1f}MiB{r['kv_bytes_model'] / mib:>8.1f}MiB")
+        print(f"{name:26}{r['users']:>6}{r['tokens_per_s']:>10.1f}{r['ttft_mean_s']:>10.2f}s"
+              f"{r['ttft_max_s']:>9.2f}s{r['wall_s']:>8.1f}{r['kv_bytes_peak'] / mib:>8.1f}MiB"
+              f"{r['kv_bytes_model'] / mib:>8.1f}MiB")
     ratio = b["tokens_per_s"] / a["tokens_per_s"]
-    print(f"ratio cartridge / ICL: throughput {ratio:.1f}x, time to first token "
-          f"{a['ttft_mean_s'] / b['ttft_mean_s']:.1f}x shorter, KV memory "
-          f"{a['kv_bytes_peak'] / b['kv_bytes_peak']:.1f}x smaller (measured peak), "
-          f"{a['kv_bytes_model'] / b['kv_bytes_model']:.1f}x (tokens x {per_token} B/token)  "
-          f"[paper, H100, batches filling GPU memory: 26.4x throughput on average]")
+    if memory:
+        print(f"ratio cartridge / ICL at the largest batches that fit: throughput {ratio:.1f}x, "
+              f"batch {b['users'] / a['users']:.1f}x  [paper, appendix A.6, H100: 26.4x "
+              f"throughput on average]")
+    else:
+        print(f"ratio cartridge / ICL: throughput {ratio:.1f}x, time to first token "
+              f"{a['ttft_mean_s'] / b['ttft_mean_s']:.1f}x shorter, KV memory "
+              f"{a['kv_bytes_peak'] / b['kv_bytes_peak']:.1f}x smaller (measured peak), "
+              f"{a['kv_bytes_model'] / b['kv_bytes_model']:.1f}x (modelled, {per_token} B/token)  "
+              f"[paper, H100, batches filling GPU memory: 26.4x throughput on average]")
     if args.json:
-        Path(args.json).write_text(json.dumps({"conditions": vars(args), "arms": arms,
-                                               "throughput_ratio": ratio}, indent=2))
+        Path(args.json).write_text(json.dumps({
+            "conditions": {**vars(args), "device": device, "dtype": dtype, "model_id": ident.model_id,
+                           "hardware": hw, "torch": torch.__version__, "threads": threads},
+            "memory": memory, "arms": arms, "throughput_ratio": ratio}, indent=2))
 
 
 if __name__ == "__main__":

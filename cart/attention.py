@@ -8,11 +8,27 @@ attention implementation ``cart_gqa`` (with transformers' SDPA mask builder).
 
 Shared KV prefixes (cascade attention): a forward pass may carry ``cart_prefixes``
 (``SharedPrefixes``), KV that groups of batch rows attend to before their own cache -- a
-cartridge and the requests that use it. The prefix is stored once per group and read by every
-row of it (broadcast, never copied into the rows' caches), so a batch of requests on one
-cartridge holds its K/V once; a row's softmax runs over [prefix scores, own scores] together,
-which is exactly attention over the concatenation. A prefix may carry per-key attention biases
-(``[kv_heads, p]`` per layer, added to the prefix's logits: compacted cartridges).
+cartridge and the requests that use it. A row's softmax runs over [prefix scores, own scores]
+together, which is exactly attention over the concatenation. A prefix may carry per-key
+attention biases (``[kv_heads, p]`` per layer, added to the prefix's logits: compacted
+cartridges). Every row is served by one batched set of tensor ops per layer, however many
+cartridges the batch mixes (no Python loop over cartridges or rows):
+
+* one cartridge (every row on it, or some on it and the rest on none): its ``[kv_heads, p, d]``
+  K/V are read by one matmul per KV head over every row's queries (``[kv_heads, B * group * q,
+  d]``) -- never copied per row, so a batch on one cartridge holds its K/V once (a broadcast
+  ``torch.matmul`` would copy it B times inside the call).
+* several cartridges: they are stacked once per ``SharedPrefixes`` (lazily, per layer) into
+  ``[S, kv_heads, p_max, d]`` K/V, padded to the longest with zeros, plus ``[S, kv_heads,
+  p_max]`` biases (-inf on padding, 0 for a cartridge without biases). Each call gathers every
+  row's slot: ``[B, kv_heads, p_max, d]`` K and V, a transient per-row copy per layer, the price
+  of one batched call (none when every row has its own cartridge: stacked in row order, the
+  stack is read in place). The stack itself is one more copy of the batch's distinct cartridges,
+  held as long as the ``SharedPrefixes`` (a running batch keeps it while its rows do not change,
+  and a shrinking batch keeps it: see ``previous``).
+* rows on no cartridge are masked out of the prefix: scores set to -inf and prefix output to 0
+  by ``masked_fill`` rather than added masks, so a NaN cartridge cannot reach them (NaN + -inf
+  and 0 * NaN are NaN). Padding keys are zeros with a -inf bias: exactly no probability.
 
 Compaction (``cart.compaction``) passes ``cart_compaction`` instead: an object whose
 ``fit(layer, query, scaling)`` builds that layer's prefix from the queries now reaching it and
@@ -30,9 +46,12 @@ class SharedPrefixes:
     """Per forward pass: ``groups`` of (batch rows, per-layer ``[kv_heads, p, head_dim]`` keys
     and values, per-layer ``[kv_heads, p]`` logit biases or None) -- KV those rows attend to
     before their own cache; rows in no group have no prefix. Pass as
-    ``model(..., cart_prefixes=...)``."""
+    ``model(..., cart_prefixes=...)``. Reuse one object across forward passes while its rows
+    do not change: what is built for a layer (the stack of several cartridges) is kept on it.
+    ``previous``: the object this one replaces (the same batch with rows gone or added); its
+    stack is reused when it holds every cartridge here and is not mostly cartridges gone."""
 
-    def __init__(self, groups, batch_size: int):
+    def __init__(self, groups, batch_size: int, previous: SharedPrefixes | None = None):
         import torch
 
         self.groups = [(torch.as_tensor(rows, dtype=torch.long), kv, bias) for rows, kv, bias in groups]
@@ -41,8 +60,127 @@ class SharedPrefixes:
             raise ValueError("prefix groups must be disjoint sets of batch rows")
         plain = sorted(set(range(batch_size)) - set(covered))
         self.plain = torch.as_tensor(plain, dtype=torch.long) if plain else None
-        # one group over the whole batch in order: no gathering at all
+        # one group over the whole batch: no gathering and no mask at all
         self.whole = len(groups) == 1 and covered == list(range(batch_size))
+        self.batch_size = batch_size
+        self._stack, slot = None, [0] * batch_size
+        if len(self.groups) > 1:
+            self._stack, slot = self._place(previous)
+        # slot i is row i's (a cartridge per row, stacked in row order): no gather at all
+        self._in_place = slot == list(range(batch_size))
+        self._slot_cpu = torch.tensor(slot, dtype=torch.long)
+        self._rows = None  # (slot [B], has [B, 1, 1, 1] or None) on the prefixes' device
+
+    def _place(self, previous):
+        """(the stack, each row's slot in it); rows on no cartridge read slot 0, masked out by
+        ``has``. A cartridge per row is stacked in row order, which needs no gather: worth a
+        fresh stack (one copy) rather than a gather at every step."""
+        stack = _PrefixStack.reuse(previous, self.groups)
+        for _ in range(2):
+            if stack is None:
+                by_row = sorted(self.groups, key=lambda g: int(g[0].min()))
+                stack = _PrefixStack([(kv, bias) for _, kv, bias in by_row])
+            slot = [0] * self.batch_size
+            for rows, kv, bias in self.groups:
+                at = stack.slot(kv, bias)
+                for r in rows.tolist():
+                    slot[r] = at
+            one_each = self.plain is None and len(self.groups) == self.batch_size
+            if not one_each or slot == list(range(self.batch_size)):
+                break
+            stack = None  # a reused stack in another order: restack once
+        return stack, slot
+
+    def stacked_nbytes(self) -> int:
+        """Bytes of the padded stack of several cartridges built so far (0 for one)."""
+        return 0 if self._stack is None else self._stack.nbytes()
+
+    def layer(self, layer: int):
+        """This layer's prefix as every row reads it: (keys, values ``[R, kv_heads, p, d]``,
+        biases ``[R, kv_heads, 1, p]`` or None, ``has`` ``[B, 1, 1, 1]`` bool or None). R is 1
+        (one cartridge, broadcast to every row) or B (row i reads slot i); ``has`` is False on
+        rows with no prefix (None when every row has one)."""
+        if self._stack is None:
+            _, kv, biases = self.groups[0]
+            k, v = kv[layer]
+            bias = None if biases is None else biases[layer][None, :, None]
+            return k[None], v[None], bias, self._row_tensors(k.device)[1]
+        k, v, bias = self._stack.layer(layer)
+        slot, has = self._row_tensors(k.device)
+        if self._in_place:
+            return k, v, None if bias is None else bias.unsqueeze(2), has
+        if bias is not None:
+            bias = bias.index_select(0, slot).unsqueeze(2)
+        return k.index_select(0, slot), v.index_select(0, slot), bias, has
+
+    def _row_tensors(self, device):
+        """(row -> slot index ``[B]``, has-a-prefix ``[B, 1, 1, 1]`` or None) on ``device``,
+        built once."""
+        import torch
+
+        if self._rows is None:
+            has = None
+            if self.plain is not None:
+                has = torch.ones(self.batch_size, dtype=torch.bool)
+                has[self.plain] = False
+                has = has.view(-1, 1, 1, 1).to(device)
+            self._rows = (self._slot_cpu.to(device), has)
+        return self._rows
+
+
+class _PrefixStack:
+    """Several cartridges stacked per layer for one batched gather (built lazily, once per
+    layer): keys and values ``[S, kv_heads, p_max, d]`` zero-padded to the longest, biases
+    ``[S, kv_heads, p_max]`` with -inf on padding and 0 for a cartridge without biases (None
+    when no cartridge is padded or biased). ``slots``: the (per-layer K/V, biases) stacked."""
+
+    def __init__(self, slots):
+        self.slots = slots
+        self.layers: dict[int, tuple] = {}
+
+    @classmethod
+    def reuse(cls, previous: SharedPrefixes | None, groups) -> _PrefixStack | None:
+        stack = None if previous is None else previous._stack
+        if stack is None or len(stack.slots) > 2 * len(groups):  # mostly cartridges gone: restack
+            return None
+        if any(stack.slot(kv, bias) is None for _, kv, bias in groups):
+            return None
+        return stack
+
+    def slot(self, kv, bias) -> int | None:
+        # by identity: the same converted tensors of the same cartridge (the engine keeps one
+        # copy per KVPrefix object)
+        return next((i for i, (k, b) in enumerate(self.slots) if k is kv and b is bias), None)
+
+    def layer(self, layer: int):
+        got = self.layers.get(layer)
+        if got is None:
+            got = self.layers[layer] = _pad_and_stack(
+                [(kv[layer], None if bias is None else bias[layer]) for kv, bias in self.slots])
+        return got
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for got in self.layers.values() for t in got
+                   if t is not None)
+
+
+def _pad_and_stack(parts):
+    """[((k, v) ``[kv_heads, p_s, d]``, bias ``[kv_heads, p_s]`` or None)] -> keys, values
+    ``[S, kv_heads, p_max, d]`` and biases ``[S, kv_heads, p_max]`` or None (see _PrefixStack).
+    Runs once per layer per stack, not per step."""
+    (k0, _), _ = parts[0]
+    p_max = max(k.shape[-2] for (k, _), _ in parts)
+    keys = k0.new_zeros(len(parts), k0.shape[0], p_max, k0.shape[-1])
+    values = keys.clone()
+    biased = any(b is not None for _, b in parts) or any(k.shape[-2] != p_max for (k, _), _ in parts)
+    bias = k0.new_full((len(parts), k0.shape[0], p_max), float("-inf")) if biased else None
+    for s, ((k, v), b) in enumerate(parts):
+        p = k.shape[-2]
+        keys[s, :, :p] = k
+        values[s, :, :p] = v
+        if bias is not None:
+            bias[s, :, :p] = 0 if b is None else b
+    return keys, values, bias
 
 
 def gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -72,58 +210,79 @@ def gqa_attention(module, query, key, value, attention_mask, scaling=None, dropo
 
 
 def _prefixed_attention(layer: int, query, key, value, attention_mask, scaling, prefixes):
-    """Attention where groups of rows also attend to a shared prefix (see the module doc)."""
-    import torch
-
+    """Attention where rows also attend to shared prefixes (see the module doc): one batched
+    call for every row, whatever the number of distinct prefixes."""
     b, heads, q_len, d = query.shape
-    kv_heads, length = key.shape[1], key.shape[2]
+    kv_heads = key.shape[1]
     group = heads // kv_heads
     scale = scaling if scaling is not None else d ** -0.5
     grouped = query.reshape(b, kv_heads, group * q_len, d)
+    allowed = _own_mask(attention_mask, b, group, q_len, key.shape[2], query.device)
+    out = _attend(grouped, key, value, allowed, prefixes.layer(layer), scale)
+    return out.reshape(b, heads, q_len, d).transpose(1, 2).contiguous(), None
+
+
+def _own_mask(attention_mask, b: int, group: int, q_len: int, length: int, device):
+    """``[B, 1, group * q_len, length]`` bool: which own keys each grouped query may read."""
+    import torch
+
     if attention_mask is None:  # one unpadded row: causal over its own cache
-        i = torch.arange(q_len, device=query.device).unsqueeze(1)
-        j = torch.arange(length, device=query.device).unsqueeze(0)
+        i = torch.arange(q_len, device=device).unsqueeze(1)
+        j = torch.arange(length, device=device).unsqueeze(0)
         allowed = (j <= i + (length - q_len)).view(1, 1, q_len, length).expand(b, 1, q_len, length)
     else:
         allowed = attention_mask[:, :, -q_len:, -length:]
         if allowed.dtype != torch.bool:
             allowed = allowed == 0  # an additive float mask: 0 where attending
-    allowed = allowed.unsqueeze(2).expand(b, allowed.shape[1], group, q_len, length).reshape(
+    return allowed.unsqueeze(2).expand(b, allowed.shape[1], group, q_len, length).reshape(
         b, allowed.shape[1], group * q_len, length)
-    out = query.new_empty(b, kv_heads, group * q_len, d)
 
-    def attend_rows(q, k, v, ok, pk, pv, bias):
-        own = torch.matmul(q, k.transpose(-1, -2)) * scale
-        own = own.masked_fill(~ok, float("-inf"))
-        shared = torch.matmul(q, pk.transpose(-1, -2)) * scale  # [n, kv, gq, p]: pk broadcast
-        if bias is not None:
-            shared = shared + bias.to(shared.dtype).unsqueeze(1)  # [kv, 1, p]
-        probs = torch.softmax(torch.cat([shared, own], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
-        p = pk.shape[-2]
-        return torch.matmul(probs[..., :p], pv) + torch.matmul(probs[..., p:], v)
 
-    def attend(q, k, v, ok, pk, pv, bias):
-        # long prompts (prefill, compaction): query blocks, so the scores of one block at a
-        # time are held (~32 MB), not the whole [gq, p + length] matrix
-        rows = q.shape[2]
-        block = max(256, (1 << 23) // max(1, q.shape[0] * q.shape[1] * (length + pk.shape[-2])))
-        if rows <= block:
-            return attend_rows(q, k, v, ok, pk, pv, bias)
-        return torch.cat([attend_rows(q[:, :, i:i + block], k, v, ok[:, :, i:i + block], pk, pv, bias)
-                          for i in range(0, rows, block)], dim=2)
+def _attend(q, k, v, ok, prefix, scale):
+    """``q`` ``[B, kv_heads, n, d]`` over [prefix, own keys ``k``/``v``] (``ok`` masks the
+    own ones). Long prompts (prefill, compaction) go in query blocks, so the scores of one
+    block at a time are held (~32 MB), not the whole ``[n, p + length]`` matrix."""
+    import torch
 
-    for rows, kv, biases in prefixes.groups:
-        pk, pv = kv[layer]
-        bias = None if biases is None else biases[layer]
-        if prefixes.whole:
-            out = attend(grouped, key, value, allowed, pk, pv, bias)
-        else:
-            out[rows] = attend(grouped[rows], key[rows], value[rows], allowed[rows], pk, pv, bias)
-    if prefixes.plain is not None:
-        rows = prefixes.plain
-        out[rows] = torch.nn.functional.scaled_dot_product_attention(
-            grouped[rows], key[rows], value[rows], attn_mask=allowed[rows], scale=scaling)
-    return out.reshape(b, heads, q_len, d).transpose(1, 2).contiguous(), None
+    rows = q.shape[2]
+    block = max(256, (1 << 23) // max(1, q.shape[0] * q.shape[1] * (k.shape[2] + prefix[0].shape[-2])))
+    if rows <= block:
+        return _attend_block(q, k, v, ok, prefix, scale)
+    return torch.cat([_attend_block(q[:, :, i:i + block], k, v, ok[:, :, i:i + block], prefix, scale)
+                      for i in range(0, rows, block)], dim=2)
+
+
+def _attend_block(q, k, v, ok, prefix, scale):
+    """One query block: one softmax over [prefix scores (+ biases), own scores]."""
+    import torch
+
+    pk, pv, bias, has = prefix
+    own = torch.matmul(q, k.transpose(-1, -2)) * scale
+    own = own.masked_fill(~ok, float("-inf"))
+    shared = _prefix_matmul(q, pk.transpose(-1, -2)) * scale  # [B, kv, n, p]
+    if bias is not None:
+        shared = shared + bias.to(shared.dtype)  # [R, kv, 1, p]
+    if has is not None:  # no prefix: masked_fill, as -inf + NaN (NaN cartridge) is NaN
+        shared = shared.masked_fill(~has, float("-inf"))
+    probs = torch.softmax(torch.cat([shared, own], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
+    p = pk.shape[-2]
+    out = _prefix_matmul(probs[..., :p], pv)
+    if has is not None:  # 0 * NaN is NaN: drop the prefix's values outright
+        out = out.masked_fill(~has, 0)
+    return out + torch.matmul(probs[..., p:], v)
+
+
+def _prefix_matmul(x, y):
+    """``x`` ``[B, kv, n, m]`` @ ``y`` ``[R, kv, m, o]`` -> ``[B, kv, n, o]``. R == 1 < B: one
+    matmul per KV head over every row's ``x`` (``[kv, B * n, m]``), so ``y`` is read in place;
+    torch.matmul would broadcast it by copying it B times."""
+    import torch
+
+    b, kv, n, m = x.shape
+    if y.shape[0] == b:
+        return torch.matmul(x, y)
+    folded = x.transpose(0, 1).reshape(kv, b * n, m)
+    return torch.matmul(folded, y[0]).view(kv, b, n, -1).transpose(0, 1)
 
 
 def register() -> str:

@@ -6,7 +6,9 @@ Batches are continuous (iteration-level): ``TransformersBatch`` lets requests jo
 decode steps and leave as soon as they finish, so ``cart serve`` decodes concurrent requests --
 for different cartridges or none -- in shared forward passes, and ``generate`` is the same loop
 run until a fixed set of requests is done. A cartridge is never copied into the rows' caches:
-rows attend to it where it is stored (``cart.attention.SharedPrefixes``), once per cartridge.
+rows attend to it where it is stored (``cart.attention.SharedPrefixes``), once per cartridge; a
+batch mixing several cartridges also holds them once more, stacked and padded, so that each
+layer attends for every row in one batched call (kept while the batch's rows do not change).
 """
 
 from __future__ import annotations
@@ -263,7 +265,11 @@ class TransformersBatch(RunningBatch):
         self._regroup()
 
     def _regroup(self) -> None:
-        """Group rows by KV prefix object: each group reads its prefix once per layer."""
+        """Group rows by KV prefix object: each group reads its prefix once per layer. Called
+        only when rows join or leave, so the ``SharedPrefixes`` (and the stack of several
+        cartridges built on it) serves every decode step in between; the previous one is
+        handed over so that rows leaving keep its stack instead of copying the cartridges
+        again."""
         from cart.attention import SharedPrefixes
 
         by_prefix: dict[int, tuple[Any, list[int]]] = {}
@@ -271,7 +277,7 @@ class TransformersBatch(RunningBatch):
             if row.request.kv_prefix is not None:
                 by_prefix.setdefault(id(row.request.kv_prefix), (row.request.kv_prefix, []))[1].append(i)
         groups = [self.engine.prefix_group(rows, p) for p, rows in by_prefix.values()]
-        self._groups = SharedPrefixes(groups, len(self.rows)) if groups else None
+        self._groups = SharedPrefixes(groups, len(self.rows), previous=self._groups) if groups else None
         import torch
 
         self.positions = torch.tensor([[r.position] for r in self.rows], device=self.engine.model.device)
@@ -298,12 +304,15 @@ class TransformersBatch(RunningBatch):
         self._regroup()
 
     def kv_bytes(self) -> int:
-        """Bytes of KV the batch holds: the row buffers, plus each shared prefix once."""
+        """Bytes of KV the batch holds: the row buffers, plus each shared prefix once, plus the
+        padded stack of its prefixes built so far when it mixes several (one more copy of them,
+        see ``cart.attention``)."""
         if not self.rows:
             return 0
         own = kv_nbytes([(layer._k, layer._v) for layer in self.cache.layers])
         shared = {id(r.request.kv_prefix): r.request.kv_prefix for r in self.rows if r.request.kv_prefix}
-        return own + sum(kv_nbytes(self.engine.prefix_layers(p)) for p in shared.values())
+        stacked = self._groups.stacked_nbytes() if self._groups is not None else 0
+        return own + stacked + sum(kv_nbytes(self.engine.prefix_layers(p)) for p in shared.values())
 
     def step(self) -> list[StepEvent]:
         """One token for every row; then one forward pass for the rows that go on."""
