@@ -371,11 +371,15 @@ def make_batch(rows: list[list[int]], convos: Sequence[Conversation], p: int, pa
     same = segment.unsqueeze(2) == segment.unsqueeze(1)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     mask = (same & causal & (segment.unsqueeze(1) >= 0)).unsqueeze(1)
-    return Batch(input_ids.to(device), position_ids.to(device), mask.to(device),
-                 torch.tensor(t_rows, dtype=torch.long, device=device),
-                 torch.tensor(t_cols, dtype=torch.long, device=device),
-                 cand_ids.to(device), cand_probs.to(device),
-                 torch.tensor(nexts, dtype=torch.long, device=device), tokens, len(cands))
+    cuda = torch.device(device).type == "cuda"
+
+    def put(t):  # a plain copy to a GPU waits for all its queued work (a host sync); pinned: not
+        return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+
+    return Batch(put(input_ids), put(position_ids), put(mask),
+                 put(torch.tensor(t_rows, dtype=torch.long)), put(torch.tensor(t_cols, dtype=torch.long)),
+                 put(cand_ids), put(cand_probs), put(torch.tensor(nexts, dtype=torch.long)),
+                 tokens, len(cands))
 
 
 # -- initialisation --------------------------------------------------------------------------------
@@ -599,12 +603,12 @@ def forward_backward(trained, rows: list[list[int]], targets: int, grad_accum: i
     """One optimizer step's gradients, accumulated: its packed ``rows`` (global) split over the
     processes and ``grad_accum`` micro-steps, each loss scaled so that the gradients are those
     of the mean over the step's ``targets`` tokens. Returns the step's loss and KL sums over its
-    target tokens (all processes)."""
+    target tokens (all processes), read from the device once: the step's one host sync."""
     import torch
 
     scale = dist.world / max(targets, 1)  # DDP averages over processes
     parts = split_step(rows, dist.world, grad_accum)
-    loss_sum = kl_sum = 0.0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss, kl), summed on the device
     for micro, per_rank in enumerate(parts):
         batch = make_batch(per_rank[dist.rank], convos, p, pad_id, device)
         sync = micro == len(parts) - 1 or dist.world == 1
@@ -612,12 +616,10 @@ def forward_backward(trained, rows: list[list[int]], targets: int, grad_accum: i
         with ctx:
             loss, l_sum, k_sum = trained(batch, scale)
             loss.backward()
-        loss_sum += l_sum
-        kl_sum += k_sum
+        sums += torch.stack([l_sum, k_sum])
     if dist.world > 1:
-        sums = torch.tensor([loss_sum, kl_sum], dtype=torch.float64)
-        torch.distributed.all_reduce(sums)
-        loss_sum, kl_sum = sums.tolist()
+        torch.distributed.all_reduce(sums)  # on the device: nccl reduces GPU tensors only
+    loss_sum, kl_sum = sums.tolist()
     return loss_sum, kl_sum
 
 
@@ -775,7 +777,7 @@ def non_finite_loss(step: int, rows: list[list[int]], convos: Sequence[Conversat
     with torch.no_grad():
         for i in members:
             _, loss_sum, _ = module(make_batch([[i]], convos, p, pad_id, device), 1.0)
-            if not math.isfinite(loss_sum):
+            if not math.isfinite(float(loss_sum)):
                 failing.append(i)
     if failing and len(failing) < len(members):
         c = convos[failing[0]]

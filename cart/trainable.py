@@ -4,13 +4,21 @@ imports torch only when training starts."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 if TYPE_CHECKING:
     from cart.distill import Batch
+
+# The loss runs over the targets in chunks of at most this many bytes of float32 logits
+# (targets x vocabulary x 4): all of a 4 x 2048-token batch's at once, with a 128k vocabulary,
+# would be 4 GB (and as much again for the log-softmax kept for the backward).
+LOSS_CHUNK_BYTES = 512 << 20
+
 
 class TrainableCartridge(nn.Module):
     """The cartridge's trainable keys/values as parameters; the sink and the model are
@@ -32,6 +40,13 @@ class TrainableCartridge(nn.Module):
         model.set_attn_implementation(register())  # the cartridge is cart_gqa's shared prefix
         self.objective = objective
         self.compute_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        self.loss_chunk = max(1, LOSS_CHUNK_BYTES // (4 * int(model.config.vocab_size)))  # targets
+        if self.compute_dtype == torch.bfloat16 and next(model.parameters()).device.type == "cuda":
+            # frozen weights held in bfloat16 on GPUs: half the memory and no float32 -> bfloat16
+            # cast of every weight in every forward. Parameters only: RoPE's inv_freq buffer stays
+            # float32, as from_pretrained(dtype=bfloat16) keeps it (bfloat16 angles drift)
+            for p in model.parameters():  # (tied embeddings: one parameter, cast once)
+                p.data = p.data.to(torch.bfloat16)
 
     def move_frozen(self, device):
         object.__setattr__(self, "frozen_keys", [k.to(device) for k in self.frozen_keys])
@@ -39,16 +54,23 @@ class TrainableCartridge(nn.Module):
         if self.biases is not None:
             object.__setattr__(self, "biases", [b.to(device) for b in self.biases])
 
+    def autocast(self, device_type: str):
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16,
+                              enabled=self.compute_dtype == torch.bfloat16)
+
     def forward(self, batch: Batch, scale: float):
-        """Sum of the per-target losses times ``scale``, and the unscaled sums (loss, kl)."""
+        """(the loss summed over the batch's N targets times ``scale``, to backpropagate; its
+        unscaled sum; the KL sum). The sums are detached 0-d float32 tensors on the batch's
+        device: reading them is a host sync, left to the caller (once per optimizer step)."""
         from cart.attention import SharedPrefixes
 
+        if batch.num_targets == 0:  # a process without rows this micro-step: zero gradients
+            zero = sum(p.sum() for p in self.parameters()) * 0.0
+            return zero, zero.detach(), zero.detach()
         model = self.model
         device = batch.input_ids.device
         b = batch.input_ids.shape[0]
-        autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                                  enabled=self.compute_dtype == torch.bfloat16)
-        with autocast:
+        with self.autocast(device.type):
             kv = [(torch.cat([fk, k], dim=1).to(self.compute_dtype),
                    torch.cat([fv, v], dim=1).to(self.compute_dtype)) for fk, k, fv, v in
                   zip(self.frozen_keys, self.keys, self.frozen_values, self.values)]
@@ -56,26 +78,33 @@ class TrainableCartridge(nn.Module):
             prefix = SharedPrefixes([(list(range(b)), kv, self.biases)], b)
             hidden = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
                                  attention_mask=batch.mask, cart_prefixes=prefix,
-                                 use_cache=False).last_hidden_state
-            # the LM head only where a target is: full-vocabulary logits everywhere would
-            # cost hundreds of MB for nothing
-            picked = hidden[batch.target_rows, batch.target_cols]
-            logits = model.lm_head(picked)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        if batch.num_targets == 0:
-            zero = logp.sum() * 0.0 + sum(p.sum() for p in self.parameters()) * 0.0
-            return zero, 0.0, 0.0
+                                 use_cache=False).last_hidden_state  # [B, T, hidden]
+        # the LM head only where a target is: full-vocabulary logits everywhere would cost
+        # hundreds of MB for nothing
+        picked = hidden[batch.target_rows, batch.target_cols]  # [N, hidden]
+        # ntp is the same cross-entropy against a one-hot teacher: the token that follows
         if self.objective == "ntp":
-            nll = -logp.gather(1, batch.next_ids.unsqueeze(1)).squeeze(1)
-            loss_sum = nll.sum()
-            kl_sum = loss_sum.detach()
+            ids = batch.next_ids.unsqueeze(1)  # [N, 1]
+            q = torch.ones(ids.shape, device=device)
         else:
-            student = logp.gather(1, batch.cand_ids)
-            q = batch.cand_probs
-            loss_sum = -(q * student).sum()
-            entropy = -(q * torch.where(q > 0, q.log(), torch.zeros_like(q))).sum()
-            kl_sum = (loss_sum.detach() - entropy)
-        return loss_sum * scale, float(loss_sum.detach()), float(kl_sum)
+            ids, q = batch.cand_ids, batch.cand_probs  # [N, K]
+        n, c = batch.num_targets, self.loss_chunk
+        # several chunks: each recomputes its logits in the backward rather than keeping them,
+        # so the peak is one chunk's (one chunk keeps them: nothing to gain, a recompute to pay)
+        chunk_loss = self.chunk_loss if n <= c else partial(checkpoint, self.chunk_loss,
+                                                            use_reentrant=False)
+        loss_sum = sum(chunk_loss(picked[s:s + c], ids[s:s + c], q[s:s + c]) for s in range(0, n, c))
+        entropy = -(q * torch.where(q > 0, q.log(), torch.zeros_like(q))).sum()  # the teacher's
+        return loss_sum * scale, loss_sum.detach(), loss_sum.detach() - entropy
+
+    def chunk_loss(self, hidden, ids, q):
+        """Cross-entropy sum ``-sum q log p_student(ids)`` of a chunk of n targets: ``hidden``
+        [n, hidden], ``ids`` and ``q`` [n, K] -> 0-d float32 (log-softmax over the full
+        vocabulary, in float32)."""
+        with self.autocast(hidden.device.type):
+            logits = self.model.lm_head(hidden)  # [n, vocab]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return -(q * logp.gather(1, ids)).sum()
 
     def cartridge(self, metadata: dict[str, Any]):
         from cart.cartridge import Cartridge

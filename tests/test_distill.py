@@ -183,6 +183,41 @@ def test_ntp_objective_is_cross_entropy_of_the_conversation(tiny, convos):
     assert ntp_sum == pytest.approx(ref, rel=1e-4)
 
 
+@pytest.mark.parametrize("objective", ["kl", "ntp"])
+def test_chunked_loss_equals_all_targets_at_once(tiny, convos, objective):
+    """The loss computed over the targets in chunks (each chunk's logits recomputed in the
+    backward, not kept) gives the loss, the KL and the cartridge's gradients of one chunk."""
+    from cart.distill import make_batch
+
+    model, tok, data, module = trainable(tiny, convos, 8, objective)
+    batch = make_batch([[0, 1, 2], [3, 4], [5]], data.convos, 8, tok.pad_token_id, "cpu")
+    vocab = model.config.vocab_size
+    assert module.loss_chunk >= batch.num_targets > 7 and batch.num_targets % 7  # 1; 7, the last short
+    runs = []
+    for chunk in (module.loss_chunk, 7):
+        module.loss_chunk = chunk
+        module.zero_grad(set_to_none=True)
+        saved = []  # what autograd keeps for the backward, outside checkpointed chunks
+
+        def pack(t, saved=saved):
+            saved.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, loss_sum, kl_sum = module(batch, 0.1)
+        loss.backward()
+        logits_kept = any(len(shape) == 2 and shape[1] == vocab for shape in saved)
+        runs.append((loss_sum, kl_sum, [p.grad.clone() for p in module.parameters()], logits_kept))
+    (one_sum, one_kl, one_grads, one_kept), (sum_, kl, grads, kept) = runs
+    assert one_kept and not kept  # chunked: no full-vocabulary logits wait for the backward
+    assert loss_sum.dtype == torch.float32 and loss_sum.shape == () and not loss_sum.requires_grad
+    assert float(sum_) == pytest.approx(float(one_sum), rel=1e-6)
+    assert float(kl) == pytest.approx(float(one_kl), rel=1e-5, abs=1e-6)
+    for a, b in zip(grads, one_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
 def test_pack_and_plan():
     from cart.distill import DistillConfig, pack, plan_steps, split_step
 
