@@ -189,7 +189,7 @@ def test_bias_in_training_equals_the_keys_it_stands_for(tiny, biased_pair, tmp_p
                            [[3, 4], [5, 6], [7, 8]], [[-0.5, -1.2], [-0.1, -2.5], [-0.7, -0.8]])
               for i in range(3)]
     batch = make_batch([[0, 1], [2]], convos, 10, tok.pad_token_id, "cpu")
-    sums = [TrainableCartridge(c, model, "kl", "float32")(batch, 1.0)[1] for c in (biased, twin)]
+    sums = [float(TrainableCartridge(c, model, "kl", "float32")(batch, 1.0)[1]) for c in (biased, twin)]
     assert sums[0] == pytest.approx(sums[1], rel=1e-5)
 
 
