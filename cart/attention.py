@@ -12,20 +12,24 @@ cartridge and the requests that use it. A row's softmax runs over [prefix scores
 together, which is exactly attention over the concatenation. A prefix may carry per-key
 attention biases (``[kv_heads, p]`` per layer, added to the prefix's logits: compacted
 cartridges). Every row is served by one batched set of tensor ops per layer, however many
-cartridges the batch mixes (no Python loop over cartridges or rows):
+cartridges the batch mixes (no Python loop over cartridges or rows), and no cartridge is ever
+copied per row -- the queries are grouped by cartridge instead:
 
-* one cartridge (every row on it, or some on it and the rest on none): its ``[kv_heads, p, d]``
-  K/V are read by one matmul per KV head over every row's queries (``[kv_heads, B * group * q,
-  d]``) -- never copied per row, so a batch on one cartridge holds its K/V once (a broadcast
-  ``torch.matmul`` would copy it B times inside the call).
-* several cartridges: they are stacked once per ``SharedPrefixes`` (lazily, per layer) into
-  ``[S, kv_heads, p_max, d]`` K/V, padded to the longest with zeros, plus ``[S, kv_heads,
-  p_max]`` biases (-inf on padding, 0 for a cartridge without biases). Each call gathers every
-  row's slot: ``[B, kv_heads, p_max, d]`` K and V, a transient per-row copy per layer, the price
-  of one batched call (none when every row has its own cartridge: stacked in row order, the
-  stack is read in place). The stack itself is one more copy of the batch's distinct cartridges,
-  held as long as the ``SharedPrefixes`` (a running batch keeps it while its rows do not change,
-  and a shrinking batch keeps it: see ``previous``).
+* the prefixes are read where they are: one cartridge as its own ``[1, kv_heads, p, d]`` K/V;
+  several stacked once per ``SharedPrefixes`` (lazily, per layer) into ``[S, kv_heads, p_max,
+  d]`` K/V zero-padded to the longest, plus ``[S, kv_heads, p_max]`` biases (-inf on padding, 0
+  for a cartridge without biases). The stack is the one extra copy of the batch's distinct
+  cartridges, held as long as the ``SharedPrefixes`` (a running batch keeps it while its rows do
+  not change, and a shrinking batch keeps it: see ``previous``).
+* the rows' grouped queries ``[B, kv_heads, group * q, d]`` are arranged by cartridge into
+  ``[S, kv_heads, R * group * q, d]`` (R: most rows on one cartridge; a cartridge with fewer
+  rows pads with copies of one, ignored), so the prefix scores are one batched matmul against
+  the ``[S, kv_heads, d, p_max]`` stack, reading each cartridge once. The scores go back to row
+  order ``[B, kv_heads, group * q, p_max]`` for the one softmax with the rows' own scores, and
+  the prefix probabilities go by cartridge again for one matmul against the stacked values.
+  Only queries, scores and outputs move (small at decode, q = 1; no row gather at all for one
+  cartridge over every row, or a cartridge per row stacked in row order). Uneven groups cost
+  matmul work on the padded query slots (S * R rows instead of B), not memory traffic.
 * rows on no cartridge are masked out of the prefix: scores set to -inf and prefix output to 0
   by ``masked_fill`` rather than added masks, so a NaN cartridge cannot reach them (NaN + -inf
   and 0 * NaN are NaN). Padding keys are zeros with a -inf bias: exactly no probability.
@@ -58,81 +62,93 @@ class SharedPrefixes:
         covered = sorted(r for rows, _, _ in groups for r in rows)
         if len(set(covered)) != len(covered) or (covered and not 0 <= covered[0] <= covered[-1] < batch_size):
             raise ValueError("prefix groups must be disjoint sets of batch rows")
-        plain = sorted(set(range(batch_size)) - set(covered))
-        self.plain = torch.as_tensor(plain, dtype=torch.long) if plain else None
-        # one group over the whole batch: no gathering and no mask at all
-        self.whole = len(groups) == 1 and covered == list(range(batch_size))
         self.batch_size = batch_size
-        self._stack, slot = None, [0] * batch_size
-        if len(self.groups) > 1:
-            self._stack, slot = self._place(previous)
-        # slot i is row i's (a cartridge per row, stacked in row order): no gather at all
-        self._in_place = slot == list(range(batch_size))
-        self._slot_cpu = torch.tensor(slot, dtype=torch.long)
-        self._rows = None  # (slot [B], has [B, 1, 1, 1] or None) on the prefixes' device
+        self._stack = None
+        if len(self.groups) > 1:  # stacked by first row: a cartridge per row needs no shuffle
+            by_row = sorted(self.groups, key=lambda g: min(g[0].tolist(), default=batch_size))
+            self._stack = _PrefixStack.reuse(previous, self.groups) or _PrefixStack(
+                [(kv, bias) for _, kv, bias in by_row])
+        self._slots = self._slot_rows()
+        self._placement = None  # _Placement on the prefixes' device, built once
 
-    def _place(self, previous):
-        """(the stack, each row's slot in it); rows on no cartridge read slot 0, masked out by
-        ``has``. A cartridge per row is stacked in row order, which needs no gather: worth a
-        fresh stack (one copy) rather than a gather at every step."""
-        stack = _PrefixStack.reuse(previous, self.groups)
-        for _ in range(2):
-            if stack is None:
-                by_row = sorted(self.groups, key=lambda g: int(g[0].min()))
-                stack = _PrefixStack([(kv, bias) for _, kv, bias in by_row])
-            slot = [0] * self.batch_size
-            for rows, kv, bias in self.groups:
-                at = stack.slot(kv, bias)
-                for r in rows.tolist():
-                    slot[r] = at
-            one_each = self.plain is None and len(self.groups) == self.batch_size
-            if not one_each or slot == list(range(self.batch_size)):
-                break
-            stack = None  # a reused stack in another order: restack once
-        return stack, slot
+    def _slot_rows(self) -> list[list[int]]:
+        """The batch rows on each prefix slot (the stack's order; one slot without a stack)."""
+        if self._stack is None:
+            return [self.groups[0][0].tolist()]
+        slots: list[list[int]] = [[] for _ in self._stack.slots]
+        for rows, kv, bias in self.groups:
+            slots[self._stack.slot(kv, bias)] = rows.tolist()
+        return slots
 
     def stacked_nbytes(self) -> int:
         """Bytes of the padded stack of several cartridges built so far (0 for one)."""
         return 0 if self._stack is None else self._stack.nbytes()
 
     def layer(self, layer: int):
-        """This layer's prefix as every row reads it: (keys, values ``[R, kv_heads, p, d]``,
-        biases ``[R, kv_heads, 1, p]`` or None, ``has`` ``[B, 1, 1, 1]`` bool or None). R is 1
-        (one cartridge, broadcast to every row) or B (row i reads slot i); ``has`` is False on
-        rows with no prefix (None when every row has one)."""
+        """This layer's prefixes as stored, read in place: (keys, values ``[S, kv_heads, p, d]``,
+        biases ``[S, kv_heads, 1, p]`` or None, the ``_Placement`` of rows on slots). S is 1
+        (one cartridge, its own tensors) or the stack's slots."""
         if self._stack is None:
             _, kv, biases = self.groups[0]
             k, v = kv[layer]
             bias = None if biases is None else biases[layer][None, :, None]
-            return k[None], v[None], bias, self._row_tensors(k.device)[1]
-        k, v, bias = self._stack.layer(layer)
-        slot, has = self._row_tensors(k.device)
-        if self._in_place:
-            return k, v, None if bias is None else bias.unsqueeze(2), has
-        if bias is not None:
-            bias = bias.index_select(0, slot).unsqueeze(2)
-        return k.index_select(0, slot), v.index_select(0, slot), bias, has
+            k, v = k[None], v[None]
+        else:
+            k, v, bias = self._stack.layer(layer)
+            bias = None if bias is None else bias.unsqueeze(2)
+        if self._placement is None:
+            self._placement = _Placement(self._slots, self.batch_size, k.device)
+        return k, v, bias, self._placement
 
-    def _row_tensors(self, device):
-        """(row -> slot index ``[B]``, has-a-prefix ``[B, 1, 1, 1]`` or None) on ``device``,
-        built once."""
+
+class _Placement:
+    """Where each batch row's queries sit when grouped by prefix slot: slot s holds rows
+    ``slots[s]`` at positions ``s * width ..`` of ``order`` (``[S * width]``, row per
+    position; a slot with fewer rows repeats its first, whose copy is ignored), ``where``
+    (``[B]``) is each row's position (both None when position i holds row i: one cartridge
+    for all, or a cartridge per row in row order), ``has`` (``[B, 1, 1, 1]`` bool, None when every row
+    has a prefix) is False on rows with none (they read position 0, masked out)."""
+
+    def __init__(self, slots: list[list[int]], batch_size: int, device):
         import torch
 
-        if self._rows is None:
-            has = None
-            if self.plain is not None:
-                has = torch.ones(self.batch_size, dtype=torch.bool)
-                has[self.plain] = False
-                has = has.view(-1, 1, 1, 1).to(device)
-            self._rows = (self._slot_cpu.to(device), has)
-        return self._rows
+        self.width = max(len(rows) for rows in slots)
+        order, where = [], [0] * batch_size
+        for s, rows in enumerate(slots):
+            for i, r in enumerate(rows):
+                where[r] = s * self.width + i
+            order += rows + (rows[:1] or [0]) * (self.width - len(rows))  # a slot may be unused
+        self.slots = len(slots)
+        in_place = order == list(range(batch_size))  # position i holds row i: nothing to move
+        self.order, self.where = (None if in_place else torch.tensor(ix, dtype=torch.long, device=device)
+                                  for ix in (order, where))
+        placed = sum(len(rows) for rows in slots)
+        self.has = None
+        if placed < batch_size:
+            has = torch.zeros(batch_size, dtype=torch.bool)
+            has[[r for rows in slots for r in rows]] = True
+            self.has = has.view(-1, 1, 1, 1).to(device)
+
+    def to_slots(self, x):
+        """``[B, kv, n, m]`` (rows) -> ``[S, kv, width * n, m]`` (rows grouped by slot)."""
+        _, kv, n, m = x.shape
+        x = x if self.order is None else x.index_select(0, self.order)
+        x = x.view(self.slots, self.width, kv, n, m)
+        return x.transpose(1, 2).reshape(self.slots, kv, self.width * n, m)
+
+    def to_rows(self, y, n: int):
+        """``[S, kv, width * n, m]`` (grouped by slot) -> ``[B, kv, n, m]`` (row order)."""
+        s, kv, _, m = y.shape
+        y = y.view(s, kv, self.width, n, m).transpose(1, 2).reshape(s * self.width, kv, n, m)
+        return y if self.where is None else y.index_select(0, self.where)
 
 
 class _PrefixStack:
-    """Several cartridges stacked per layer for one batched gather (built lazily, once per
-    layer): keys and values ``[S, kv_heads, p_max, d]`` zero-padded to the longest, biases
-    ``[S, kv_heads, p_max]`` with -inf on padding and 0 for a cartridge without biases (None
-    when no cartridge is padded or biased). ``slots``: the (per-layer K/V, biases) stacked."""
+    """Several cartridges stacked per layer, read in place by one batched matmul (built
+    lazily, once per layer): keys and values ``[S, kv_heads, p_max, d]`` zero-padded to the
+    longest, biases ``[S, kv_heads, p_max]`` with -inf on padding and 0 for a cartridge
+    without biases (None when no cartridge is padded or biased). ``slots``: the (per-layer
+    K/V, biases) stacked."""
 
     def __init__(self, slots):
         self.slots = slots
@@ -244,8 +260,9 @@ def _attend(q, k, v, ok, prefix, scale):
     block at a time are held (~32 MB), not the whole ``[n, p + length]`` matrix."""
     import torch
 
-    rows = q.shape[2]
-    block = max(256, (1 << 23) // max(1, q.shape[0] * q.shape[1] * (k.shape[2] + prefix[0].shape[-2])))
+    rows, place = q.shape[2], prefix[3]
+    batch = max(q.shape[0], place.slots * place.width)
+    block = max(256, (1 << 23) // max(1, batch * q.shape[1] * (k.shape[2] + prefix[0].shape[-2])))
     if rows <= block:
         return _attend_block(q, k, v, ok, prefix, scale)
     return torch.cat([_attend_block(q[:, :, i:i + block], k, v, ok[:, :, i:i + block], prefix, scale)
@@ -253,36 +270,25 @@ def _attend(q, k, v, ok, prefix, scale):
 
 
 def _attend_block(q, k, v, ok, prefix, scale):
-    """One query block: one softmax over [prefix scores (+ biases), own scores]."""
+    """One query block: one softmax over [prefix scores (+ biases), own scores]. The prefix
+    parts run with the queries grouped by slot (one matmul reading each cartridge once)."""
     import torch
 
-    pk, pv, bias, has = prefix
+    pk, pv, bias, place = prefix
+    n, p = q.shape[2], pk.shape[-2]
     own = torch.matmul(q, k.transpose(-1, -2)) * scale
     own = own.masked_fill(~ok, float("-inf"))
-    shared = _prefix_matmul(q, pk.transpose(-1, -2)) * scale  # [B, kv, n, p]
+    shared = torch.matmul(place.to_slots(q), pk.transpose(-1, -2)) * scale  # [S, kv, width * n, p]
     if bias is not None:
-        shared = shared + bias.to(shared.dtype)  # [R, kv, 1, p]
-    if has is not None:  # no prefix: masked_fill, as -inf + NaN (NaN cartridge) is NaN
-        shared = shared.masked_fill(~has, float("-inf"))
+        shared = shared + bias.to(shared.dtype)  # [S, kv, 1, p]
+    shared = place.to_rows(shared, n)
+    if place.has is not None:  # no prefix: masked_fill, as -inf + NaN (NaN cartridge) is NaN
+        shared = shared.masked_fill(~place.has, float("-inf"))
     probs = torch.softmax(torch.cat([shared, own], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
-    p = pk.shape[-2]
-    out = _prefix_matmul(probs[..., :p], pv)
-    if has is not None:  # 0 * NaN is NaN: drop the prefix's values outright
-        out = out.masked_fill(~has, 0)
+    out = place.to_rows(torch.matmul(place.to_slots(probs[..., :p]), pv), n)
+    if place.has is not None:  # 0 * NaN is NaN: drop the prefix's values outright
+        out = out.masked_fill(~place.has, 0)
     return out + torch.matmul(probs[..., p:], v)
-
-
-def _prefix_matmul(x, y):
-    """``x`` ``[B, kv, n, m]`` @ ``y`` ``[R, kv, m, o]`` -> ``[B, kv, n, o]``. R == 1 < B: one
-    matmul per KV head over every row's ``x`` (``[kv, B * n, m]``), so ``y`` is read in place;
-    torch.matmul would broadcast it by copying it B times."""
-    import torch
-
-    b, kv, n, m = x.shape
-    if y.shape[0] == b:
-        return torch.matmul(x, y)
-    folded = x.transpose(0, 1).reshape(kv, b * n, m)
-    return torch.matmul(folded, y[0]).view(kv, b, n, -1).transpose(0, 1)
 
 
 def register() -> str:

@@ -235,17 +235,26 @@ def test_a_running_batch_stacks_its_cartridges_once(engine, monkeypatch):
     assert built == [3] * engine.model.config.num_hidden_layers
 
 
-def test_a_cartridge_per_row_reads_the_stack_in_place():
-    """Every row on its own cartridge (the many-users case): stacked in row order, read without
-    a per-row gather, also after a row leaves (restacked once), and exact."""
+@pytest.mark.parametrize("layout", ["one per row", "several rows each and rows on none"])
+def test_every_layout_reads_the_stack_in_place(layout):
+    """Whatever the rows' layout (a cartridge per row, several rows on each of several
+    cartridges, rows on none), the prefix keys and values read are the stack itself (the
+    queries are grouped by cartridge, no per-row copy of any cartridge), also after rows leave
+    (the stack is kept, a cartridge gone leaves an unused slot), and exact."""
     torch.manual_seed(3)
-    carts = [cartridge(3 + r, r % 2 == 1) for r in range(4)]
-    first = SharedPrefixes([([3 - r], *carts[3 - r]) for r in range(4)], 4)  # groups out of order
+    carts = [cartridge(3 + c, c % 2 == 1) for c in range(4)]
+    on = [3, 2, 1, 0] if layout == "one per row" else [1, None, 3, 1, 0, 3, None, 1]
+    groups = [([r for r, x in enumerate(on) if x == c], *carts[c]) for c in range(4)]
+    first = SharedPrefixes([g for g in groups if g[0]], len(on))
     assert first.layer(0)[0].data_ptr() == first._stack.layer(0)[0].data_ptr()
-    later = SharedPrefixes([([r], *carts[c]) for r, c in enumerate([0, 2, 3])], 3, previous=first)
-    assert later._stack is not first._stack
-    assert later.layer(0)[0].data_ptr() == later._stack.layer(0)[0].data_ptr()
-    q, k, v, mask = own_inputs(3, 1, [6, 4, 5])
-    per_row = [(carts[c][0][0], None if carts[c][1] is None else carts[c][1][0]) for c in (0, 2, 3)]
+    keep = [r for r, x in enumerate(on) if x != on[-1]]  # the rows on one cartridge leave
+    later_on = [on[r] for r in keep]
+    groups = [([r for r, x in enumerate(later_on) if x == c], *carts[c]) for c in range(4) if c != on[-1]]
+    later = SharedPrefixes([g for g in groups if g[0]], len(keep), previous=first)
+    assert later._stack is first._stack
+    assert later.layer(0)[0].data_ptr() == first._stack.layer(0)[0].data_ptr()
+    q, k, v, mask = own_inputs(len(keep), 2, [6, 4, 5, 3, 6, 2][:len(keep)])
+    per_row = [None if c is None else (carts[c][0][0], None if carts[c][1] is None else carts[c][1][0])
+               for c in later_on]
     got = attention(q, k, v, mask, later)
     torch.testing.assert_close(got, reference(q, k, v, mask, per_row, D ** -0.5), rtol=1e-5, atol=1e-5)

@@ -8,7 +8,8 @@ for different cartridges or none -- in shared forward passes, and ``generate`` i
 run until a fixed set of requests is done. A cartridge is never copied into the rows' caches:
 rows attend to it where it is stored (``cart.attention.SharedPrefixes``), once per cartridge; a
 batch mixing several cartridges also holds them once more, stacked and padded, so that each
-layer attends for every row in one batched call (kept while the batch's rows do not change).
+layer attends for every row in one batched call that reads each cartridge once, with no per-row
+copy (the stack is kept while the batch's rows do not change).
 """
 
 from __future__ import annotations
