@@ -25,3 +25,15 @@ def next_token_logprobs(model, ids: list[int]):
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0]
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def assert_batched_equals_alone(engine, requests, seed: int = 0):
+    """``engine.generate`` of ``requests`` together gives each the tokens and top-k log-probs
+    (ids exact, values within 1e-5) of the request run alone."""
+    batched = engine.generate(requests, seed=seed)
+    for req, got in zip(requests, batched):
+        (alone,) = engine.generate([req], seed=seed)
+        assert got.token_ids == alone.token_ids
+        for a, b in zip(got.topk, alone.topk):
+            assert a.ids == b.ids
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)

@@ -3,7 +3,7 @@ reuse change nothing; top-k log-probs are the model's raw next-token distributio
 
 import pytest
 import torch
-from reference import kv_cache, next_token_logprobs
+from reference import assert_batched_equals_alone, kv_cache, next_token_logprobs
 
 from cart.attention import register
 from cart.engines.base import GenerationRequest
@@ -40,14 +40,7 @@ def test_gqa_attention_matches_sdpa_with_left_padding(engine):
 
 
 def test_batched_generation_equals_single_requests(engine):
-    reqs = [GenerationRequest(p, 12, 0.0, top_k_logprobs=5) for p in prompts(engine)]
-    batched = engine.generate(reqs, seed=0)
-    for req, got in zip(reqs, batched):
-        (alone,) = engine.generate([req], seed=0)
-        assert got.token_ids == alone.token_ids
-        for a, b in zip(got.topk, alone.topk):
-            assert a.ids == b.ids
-            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    assert_batched_equals_alone(engine, [GenerationRequest(p, 12, 0.0, top_k_logprobs=5) for p in prompts(engine)])
 
 
 def test_topk_logprobs_are_the_raw_distribution_even_when_sampling(engine):

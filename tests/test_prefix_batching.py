@@ -11,6 +11,7 @@ import torch
 from cart.attention import SharedPrefixes, gqa_attention
 from cart.engines.base import GenerationRequest, KVPrefix
 from cart.engines.hf import TransformersEngine
+from reference import assert_batched_equals_alone
 
 KV_HEADS, HEADS, D, OWN = 2, 4, 8, 6
 
@@ -166,41 +167,39 @@ def test_the_work_per_layer_does_not_grow_with_the_number_of_cartridges(monkeypa
 
 
 def tiny_cartridges(engine):
-    """Three KV prefixes of different lengths (the second with biases) over the tiny model."""
+    """Six KV prefixes of different lengths (the second and the fifth with biases) over the
+    tiny model."""
     from cart.kvcache import prefix_kv
 
     tok = engine.tokenizer
     texts = ["Meridian Falls has four bridges and a tram line.", "Captain Ilsa Voss",
-             "The quick brown fox jumps over the lazy dog. The answer is forty two."]
+             "The quick brown fox jumps over the lazy dog. The answer is forty two.",
+             "Cargo manifests list ore, ice and seeds.", "Dock 7", "Numbers 3 5 8 13 21 34 55"]
     out = []
     for i, text in enumerate(texts):
         ids = tok(text).input_ids
         kv = prefix_kv(engine.model, torch.tensor(ids))
         ramp = torch.linspace(-1.0, 0.5, len(ids))
-        bias = [ramp.expand(k.shape[0], -1).clone() for k, _ in kv] if i == 1 else None
+        bias = [ramp.expand(k.shape[0], -1).clone() for k, _ in kv] if i in (1, 4) else None
         out.append(KVPrefix(f"c{i}", kv, len(ids), bias=bias))
     return out
 
 
 def test_mixed_cartridges_in_the_engine_equal_each_alone(engine, monkeypatch):
-    """Through the engine: rows on three cartridges (one biased, all of different lengths) and
-    a row on none decode together with the tokens and log-probs of each run alone, with one
-    softmax per layer per step whatever the number of cartridges."""
+    """Through the engine: rows on six distinct cartridges (two biased, all of different
+    lengths), one cartridge shared by two rows, and two rows on none decode together with the
+    tokens and the whole next-token distribution (every log-prob of the vocabulary, within 1e-5
+    in float32) of each run alone, with one softmax per layer per step whatever the number of
+    cartridges."""
     c = tiny_cartridges(engine)
     tok = engine.tokenizer
     prompts = [tok(t).input_ids for t in ("Orbital freight ships", "The quick brown fox", "Numbers 0 1 2")]
-    reqs = [GenerationRequest(prompts[0], 8, 0.0, top_k_logprobs=5, kv_prefix=c[0]),
-            GenerationRequest(prompts[1], 6, 0.0, top_k_logprobs=5, kv_prefix=c[1]),
-            GenerationRequest(prompts[2], 8, 0.0, top_k_logprobs=5),
-            GenerationRequest(prompts[2], 7, 0.0, top_k_logprobs=5, kv_prefix=c[2]),
-            GenerationRequest(prompts[1], 8, 0.0, top_k_logprobs=5, kv_prefix=c[0])]
-    batched = engine.generate(reqs, seed=0)
-    for req, got in zip(reqs, batched):
-        (alone,) = engine.generate([req], seed=0)
-        assert got.token_ids == alone.token_ids
-        for a, b in zip(got.topk, alone.topk):
-            assert a.ids == b.ids
-            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    vocab = engine.model.config.vocab_size
+    chosen = [c[0], c[1], None, c[2], c[0], c[3], c[4], None, c[5]]
+    assert len({id(p) for p in chosen if p is not None}) == 6
+    assert_batched_equals_alone(engine, [
+        GenerationRequest(prompts[i % 3], 5 + i % 4, 0.0, top_k_logprobs=vocab, kv_prefix=p)
+        for i, p in enumerate(chosen)])
 
     layers = engine.model.config.num_hidden_layers
     for chosen in ([c[0], c[0], c[0], None], [c[0], c[1], c[2], None]):
