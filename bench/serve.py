@@ -28,6 +28,16 @@ prefills newcomers into caches of their own and then copies them into the batch'
 while a batch forms both exist) -- plus, with cartridges, each distinct cartridge once (p
 tokens) and once more when a batch mixes several (the padded stack of ``cart.attention``).
 Every user has a cartridge of their own unless --cartridges K (users share K round-robin).
+
+--baselines (issue 16's GPU checks) adds, in this process before the servers start:
+  * plain ``model.generate`` of transformers (its SDPA attention, one left-padded batch,
+    greedy, exactly --max-tokens each, prefill included) on the ICL prompts and on prompts the
+    size of a cartridge plus the question (the corpus's first p tokens in context): the
+    tokens/s any engine on this model and shapes should reach;
+  * the ICL decode step of cart's engine at the arm's batch (median over --decode-steps steps,
+    after the prompts are in) against the memory-bandwidth bound: weights plus the batch's KV
+    read once per step at the device's peak bandwidth (spec sheet of a known GPU,
+    --peak-gb-s, or a large copy measured in this run).
 """
 
 from __future__ import annotations
@@ -197,6 +207,128 @@ def fits(budget: int, prompt_lens: list[int], max_tokens: int, per_token: int, p
     return lo
 
 
+# spec-sheet HBM bandwidth, GB/s (first match in the device name wins: "h100 pcie" before "h100")
+PEAK_GB_S = [("h200", 4800.0), ("h100 pcie", 2000.0), ("h100 nvl", 3900.0), ("h100", 3350.0),
+             ("a100", 2039.0)]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(torch.device(device))
+
+
+def peak_bandwidth(device: str, given: float | None) -> tuple[float, str]:
+    """(GB/s, source): --peak-gb-s, a known GPU's spec sheet, or the best of five copies of a
+    512 MiB tensor in this run (bytes read + written / time)."""
+    import torch
+
+    if given:
+        return given, "--peak-gb-s"
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+        for key, gb_s in PEAK_GB_S:
+            if key in name.lower():
+                return gb_s, f"spec sheet of {name}"
+    src = torch.empty(128 << 20, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9, "measured: a 512 MiB copy in this run"
+
+
+def generate_baseline(engine, prompts: list[list[int]], max_tokens: int, device: str) -> dict:
+    """Plain ``model.generate`` (transformers' SDPA attention) of ``prompts`` in one
+    left-padded batch, greedy, exactly ``max_tokens`` each: tokens/s, prefill included."""
+    import torch
+
+    from cart.attention import register
+
+    model, pad = engine.model, engine.pad_token_id
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts], device=model.device)
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            kw = dict(do_sample=False, pad_token_id=pad)
+            model.generate(input_ids=ids[:1, -8:], attention_mask=mask[:1, -8:], max_new_tokens=2, **kw)
+            sync(device)
+            t = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                                 min_new_tokens=max_tokens, **kw)
+            sync(device)
+            wall = time.perf_counter() - t
+    finally:
+        model.set_attn_implementation(register())
+    tokens = (out.shape[1] - width) * len(prompts)
+    return {"users": len(prompts), "prompt_tokens_max": width, "tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall}
+
+
+def decode_step(engine, prompts: list[list[int]], steps: int, device: str, weights: int,
+                bandwidth: float) -> dict:
+    """cart's engine decoding ``prompts`` together (the ICL arm's batch, no server): the median
+    time of one decode step once every prompt is in, against the bandwidth bound (weights + the
+    batch's KV read once, at ``bandwidth`` GB/s)."""
+    from cart.engines.base import GenerationRequest
+
+    batch = engine.open_batch()
+    batch.add([GenerationRequest(x, steps + 2, 0.0, ignore_eos=True) for x in prompts], [0] * len(prompts))
+    batch.step()  # warm-up
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t = time.perf_counter()
+        batch.step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    kv = batch.kv_bytes()
+    batch.drop(list(batch.rows))
+    step_s = sorted(times)[len(times) // 2]
+    bound_s = (weights + kv) / (bandwidth * 1e9)
+    return {"users": len(prompts), "step_ms": step_s * 1e3, "kv_bytes": kv, "weights_bytes": weights,
+            "bound_ms": bound_s * 1e3, "x_bound": step_s / bound_s}
+
+
+def run_baselines(engine, icl_jobs: list, p: int, max_tokens: int, device: str, weights: int,
+                  args) -> dict:
+    """--baselines: plain ``model.generate`` on the ICL prompts and on cartridge-sized ones
+    (their first p tokens + the question), and cart's ICL decode step against its bound."""
+    from cart.chat import render_cartridge_ids, render_ids
+
+    tok = engine.tokenizer
+    icl = [render_ids(tok, msgs, True)[0] for _, msgs in icl_jobs]
+    question = render_cartridge_ids(tok, [{"role": "user", "content": QUESTION}], True)[0]
+    bandwidth, source = peak_bandwidth(device, args.peak_gb_s)
+    step = decode_step(engine, icl, args.decode_steps, device, weights, bandwidth)
+    return {"generate_icl": generate_baseline(engine, icl, max_tokens, device),
+            "generate_cartridge_sized": generate_baseline(engine, [x[:p] + question for x in icl],
+                                                          max_tokens, device),
+            "icl_decode_step": {**step, "bandwidth_gb_s": bandwidth, "bandwidth_source": source}}
+
+
+def print_baselines(base: dict, cartridge_tokens_per_s: float) -> None:
+    g_icl, g_short, step = base["generate_icl"], base["generate_cartridge_sized"], base["icl_decode_step"]
+    gib = float(1 << 30)
+    print(f"plain model.generate (transformers SDPA, one left-padded batch of {g_icl['users']}, "
+          f"greedy, prefill included): ICL prompts (<= {g_icl['prompt_tokens_max']} tokens) "
+          f"{g_icl['tokens_per_s']:.1f} tok/s; cartridge-sized prompts (<= "
+          f"{g_short['prompt_tokens_max']} tokens) {g_short['tokens_per_s']:.1f} tok/s; cart's "
+          f"cartridge arm: {cartridge_tokens_per_s / g_short['tokens_per_s']:.2f}x the latter")
+    print(f"ICL decode step of cart's engine, batch {step['users']}: {step['step_ms']:.2f} ms "
+          f"(median); bandwidth bound {step['bound_ms']:.2f} ms = weights "
+          f"{step['weights_bytes'] / gib:.2f} GiB + KV {step['kv_bytes'] / gib:.2f} GiB at "
+          f"{step['bandwidth_gb_s']:.0f} GB/s ({step['bandwidth_source']}): "
+          f"{step['x_bound']:.1f}x the bound")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", type=int, default=4, help="concurrent users (default 4; "
@@ -220,8 +352,15 @@ def main() -> None:
                     "batch (default 16 on a CPU, 1024 on a GPU)")
     ap.add_argument("--row-copies", type=int, default=2, help="copies of a row's KV counted by "
                     "--memory-limited (default 2: see the module docstring)")
+    ap.add_argument("--baselines", action="store_true", help="also plain model.generate on "
+                    "the same prompts and cart's ICL decode step against the bandwidth bound")
+    ap.add_argument("--decode-steps", type=int, default=16, help="decode steps timed by --baselines")
+    ap.add_argument("--peak-gb-s", type=float, default=None, help="the device's memory bandwidth "
+                    "for --baselines (default: a known GPU's spec sheet, else measured)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
+    if args.baselines and args.memory_limited:
+        raise SystemExit("--baselines measures the fixed --users batch: not with --memory-limited")
 
     import gc
 
@@ -273,6 +412,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         carts = Path(tmp)
         icl_jobs, cart_jobs, icl_lens, cart_lens = workload(engine, users, span, p, gen, carts, distinct)
+        baselines = run_baselines(engine, icl_jobs, p, gen, device, weights, args) if args.baselines else None
         del engine
         gc.collect()
         if cuda:
@@ -340,6 +480,8 @@ def main() -> None:
               f"{r['ttft_max_s']:>9.2f}s{r['wall_s']:>8.1f}{r['kv_bytes_peak'] / mib:>8.1f}MiB"
               f"{r['kv_bytes_model'] / mib:>8.1f}MiB")
     ratio = b["tokens_per_s"] / a["tokens_per_s"]
+    if baselines:
+        print_baselines(baselines, b["tokens_per_s"])
     if memory:
         print(f"ratio cartridge / ICL at the largest batches that fit: throughput {ratio:.1f}x, "
               f"batch {b['users'] / a['users']:.1f}x  [paper, appendix A.6, H100: 26.4x "
@@ -354,7 +496,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({
             "conditions": {**vars(args), "device": device, "dtype": dtype, "model_id": ident.model_id,
                            "hardware": hw, "torch": torch.__version__, "threads": threads},
-            "memory": memory, "arms": arms, "throughput_ratio": ratio}, indent=2))
+            "memory": memory, "arms": arms, "throughput_ratio": ratio, "baselines": baselines},
+            indent=2))
 
 
 if __name__ == "__main__":
