@@ -315,7 +315,8 @@ def split_step(rows: list[list[int]], world: int, accum: int) -> list[list[list[
 class Batch:
     input_ids: Any  # [B, T]
     position_ids: Any  # [B, T]
-    mask: Any  # [B, 1, T, T] bool, True = may attend (the cartridge: always)
+    mask: Any  # [B, 1, T, T] bool, True = may attend (the cartridge: always); None on the flex path
+    segment: Any  # [B, T] conversation index of each token in its row, -1 on padding
     target_rows: Any  # [N] row of each target
     target_cols: Any  # [N] column whose output predicts the target
     cand_ids: Any  # [N, K]
@@ -326,10 +327,13 @@ class Batch:
 
 
 def make_batch(rows: list[list[int]], convos: Sequence[Conversation], p: int, pad_id: int,
-               device: Any) -> Batch:
+               device: Any, dense_mask: bool | None = None) -> Batch:
     """Packed rows; every conversation's tokens at positions ``p, p+1, ...`` (``p``: the
-    cartridge's query position)."""
+    cartridge's query position). ``dense_mask``: build the ``[B, 1, T, T]`` mask (default:
+    where ``device`` trains on the dense attention path; the flex path needs ``segment`` only)."""
     import torch
+
+    from cart.attention import packed_mask, training_attention
 
     if not rows:  # a process with nothing to do this micro-step still joins the collective
         rows_t: list[list[Conversation]] = [[]]
@@ -365,18 +369,15 @@ def make_batch(rows: list[list[int]], convos: Sequence[Conversation], p: int, pa
     for j, (c, q) in enumerate(zip(cands, probs)):
         cand_ids[j, :len(c)] = torch.tensor(c)
         cand_probs[j, :len(q)] = torch.tensor(q)
-    # the cartridge is visible to every query (cart_gqa's shared prefix); a token sees the
-    # earlier tokens of its own conversation only (causal within a segment, nothing across
-    # segments or from padding)
-    same = segment.unsqueeze(2) == segment.unsqueeze(1)
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    mask = (same & causal & (segment.unsqueeze(1) >= 0)).unsqueeze(1)
+    if dense_mask is None:
+        dense_mask = training_attention(torch.device(device)) == "dense"
+    mask = packed_mask(segment) if dense_mask else None  # (never T x T on a GPU)
     cuda = torch.device(device).type == "cuda"
 
     def put(t):  # a plain copy to a GPU waits for all its queued work (a host sync); pinned: not
         return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
 
-    return Batch(put(input_ids), put(position_ids), put(mask),
+    return Batch(put(input_ids), put(position_ids), None if mask is None else put(mask), put(segment),
                  put(torch.tensor(t_rows, dtype=torch.long)), put(torch.tensor(t_cols, dtype=torch.long)),
                  put(cand_ids), put(cand_probs), put(torch.tensor(nexts, dtype=torch.long)),
                  tokens, len(cands))

@@ -39,6 +39,8 @@ class TrainableCartridge(nn.Module):
 
         model.set_attn_implementation(register())  # the cartridge is cart_gqa's shared prefix
         self.objective = objective
+        # "flex" or "dense" forces an attention path; None: training_attention(the batch's device)
+        self.attention: str | None = None
         self.compute_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         self.loss_chunk = max(1, LOSS_CHUNK_BYTES // (4 * int(model.config.vocab_size)))  # targets
         if self.compute_dtype == torch.bfloat16 and next(model.parameters()).device.type == "cuda":
@@ -62,7 +64,7 @@ class TrainableCartridge(nn.Module):
         """(the loss summed over the batch's N targets times ``scale``, to backpropagate; its
         unscaled sum; the KL sum). The sums are detached 0-d float32 tensors on the batch's
         device: reading them is a host sync, left to the caller (once per optimizer step)."""
-        from cart.attention import SharedPrefixes
+        from cart.attention import SharedPrefixes, packed_block_mask, packed_mask, training_attention
 
         if batch.num_targets == 0:  # a process without rows this micro-step: zero gradients
             zero = sum(p.sum() for p in self.parameters()) * 0.0
@@ -76,8 +78,13 @@ class TrainableCartridge(nn.Module):
                   zip(self.frozen_keys, self.keys, self.frozen_values, self.values)]
             # every row reads the one cartridge (broadcast, never copied per row)
             prefix = SharedPrefixes([(list(range(b)), kv, self.biases)], b)
+            if (self.attention or training_attention(device)) == "flex":
+                # one BlockMask for every layer (its creation is a pass over [B, T, p + T])
+                mask = packed_block_mask(batch.segment, kv[0][0].shape[-2])
+            else:
+                mask = batch.mask if batch.mask is not None else packed_mask(batch.segment)
             hidden = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                 attention_mask=batch.mask, cart_prefixes=prefix,
+                                 attention_mask=mask, cart_prefixes=prefix,
                                  use_cache=False).last_hidden_state  # [B, T, hidden]
         # the LM head only where a target is: full-vocabulary logits everywhere would cost
         # hundreds of MB for nothing
