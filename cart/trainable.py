@@ -76,7 +76,8 @@ class TrainableCartridge(nn.Module):
             kv = [(torch.cat([fk, k], dim=1).to(self.compute_dtype),
                    torch.cat([fv, v], dim=1).to(self.compute_dtype)) for fk, k, fv, v in
                   zip(self.frozen_keys, self.keys, self.frozen_values, self.values)]
-            # every row reads the one cartridge (broadcast, never copied per row)
+            # every row reads the one cartridge (dense: broadcast, never copied per row; flex:
+            # concatenated to each row's keys, B x [kv_heads, p, d] per layer)
             prefix = SharedPrefixes([(list(range(b)), kv, self.biases)], b)
             if (self.attention or training_attention(device)) == "flex":
                 # one BlockMask for every layer (its creation is a pass over [B, T, p + T])
