@@ -645,6 +645,14 @@ def save_cartridge(module, output: str | None, data: ConvoSet, identity, init_in
     return result
 
 
+def distill_fingerprint(cfg: DistillConfig, data_digest: str, init_info: dict[str, Any]) -> str:
+    """The run's ``run_fingerprint``: its settings (less what a resumed run may change), its
+    conversations and its initialisation -- less the init's wall time (attention-match's
+    ``seconds``), a measurement that differs on every run and would refuse every resume."""
+    return run_fingerprint({k: v for k, v in asdict(cfg).items() if k not in ("steps", "epochs", "save_every")},
+                           data_digest, {k: v for k, v in init_info.items() if k != "seconds"})
+
+
 def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
             output: str | None, checkpoint: str | None, log: str | None, console: Console):
     """The whole ``cart distill`` job. Returns the trained Cartridge (rank 0) or None."""
@@ -690,8 +698,7 @@ def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
 
     lengths = [len(c.token_ids) for c in data.convos]
     steps = plan_steps(lengths, cfg)
-    fingerprint = run_fingerprint({k: v for k, v in asdict(cfg).items()  # see run_fingerprint
-                                   if k not in ("steps", "epochs", "save_every")}, data.digest, init_info)
+    fingerprint = distill_fingerprint(cfg, data.digest, init_info)
     ckpt_path = Path(checkpoint) if checkpoint else None
     start_step, totals = 0, {"tokens": 0, "targets": 0, "seconds": 0.0}
     if ckpt_path is not None and ckpt_path.exists():

@@ -661,3 +661,17 @@ def test_a_non_finite_loss_names_the_conversation_at_fault(tiny, convos):
     err = non_finite_loss(7, [[1, 3], [4]], data.convos, module, 6, 0, "cpu")
     assert str(err) == (f"step 7: the loss is not finite on conversation {convos}:4 "
                         "(convo-test-000003); no cartridge written")
+
+
+def test_the_run_fingerprint_ignores_the_inits_wall_time():
+    """A resumed default run (attention-match init) recomputes the compaction, whose seconds
+    differ: the checkpoint must still be its own; another init or setting is another run."""
+    from cart.distill import DistillConfig, distill_fingerprint
+
+    cfg = DistillConfig(tokens=8)
+    init = {"kind": "attention-match", "windows": 1, "seconds": 0.0}
+    same = distill_fingerprint(cfg, "d", init)
+    assert distill_fingerprint(cfg, "d", {**init, "seconds": 41.7}) == same
+    assert distill_fingerprint(DistillConfig(tokens=8, steps=99), "d", init) == same
+    assert distill_fingerprint(cfg, "d", {**init, "windows": 2}) != same
+    assert distill_fingerprint(DistillConfig(tokens=8, lr=0.01), "d", init) != same
