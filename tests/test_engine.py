@@ -187,8 +187,9 @@ def test_requests_joining_a_running_batch_equal_each_alone(engine):
         assert batch.mask.shape[1] == max(r.length for r in batch.rows)
         one_prefix = sum(k.numel() * k.element_size() * 2 for k, _ in engine.prefix_layers(kv1))
         own = sum(layer._k.numel() * layer._k.element_size() * 2 for layer in batch.cache.layers)
+        # (+ the padded stack of the two cartridges: built by the batched prefill, kept by the batch)
         assert batch.kv_bytes() == own + one_prefix + sum(
-            k.numel() * k.element_size() * 2 for k, _ in engine.prefix_layers(kv2))
+            k.numel() * k.element_size() * 2 for k, _ in engine.prefix_layers(kv2)) + batch._groups.stacked_nbytes()
         while len(batch):
             sizes.append(len(batch.step()))
     assert sizes[:3] == [2, 2, 2] and max(sizes) == 5 and sizes[-1] < 5  # joined, then left

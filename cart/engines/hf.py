@@ -9,7 +9,9 @@ run until a fixed set of requests is done. A cartridge is never copied into the 
 rows attend to it where it is stored (``cart.attention.SharedPrefixes``), once per cartridge; a
 batch mixing several cartridges also holds them once more, stacked and padded, so that each
 layer attends for every row in one batched call that reads each cartridge once, with no per-row
-copy (the stack is kept while the batch's rows do not change).
+copy (the stack is kept while the batch's rows do not change). Newcomers joining a batch are
+prefilled together: one left-padded forward pass per sub-batch of at most
+``TransformersEngine.prefill_tokens`` padded tokens (see ``TransformersEngine.prefill_rows``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ from cart.engines.base import (NON_FINITE, Engine, Generation, GenerationRequest
 from cart.io import CartError
 from cart.models import context_length
 
+# Padded tokens (rows x (stored prefix + prompt columns)) one batched prefill forward pass may
+# hold: its activations and cache grow with it, and so does its mask when rows are padded
+# (``[B, 1, T, P + T]`` bool, expanded per query head group in attention: rows x T x this x
+# group bytes). 32 newcomers of 4k tokens go in 16 passes of 2 (a longer prompt alone, unmasked);
+# 8k tokens a pass keeps a GPU's matmuls large.
+PREFILL_TOKENS = 8192
+
 
 def kv_nbytes(layers: list[tuple[Any, Any]]) -> int:
     """Bytes of per-layer (keys, values) tensors."""
@@ -35,7 +44,7 @@ def kv_nbytes(layers: list[tuple[Any, Any]]) -> int:
 
 class TransformersEngine(Engine):
     def __init__(self, model: Any, tokenizer: Any, identity: Any,
-                 prefix_cache_bytes: int = 4 << 30):
+                 prefix_cache_bytes: int = 4 << 30, prefill_tokens: int = PREFILL_TOKENS):
         from cart.attention import register
 
         # cart_gqa reads the shared KV prefixes (cartridges): without it they would be ignored
@@ -45,6 +54,12 @@ class TransformersEngine(Engine):
         # least recently used first; bounded in bytes.
         self._prefixes: dict[tuple, list[tuple[Any, Any]]] = {}
         self._prefix_cache_bytes = prefix_cache_bytes
+        self.prefill_tokens = prefill_tokens
+        # Whether a prefill pass pads rows to batch prompts of different lengths. A GPU runs
+        # a batch in about the time of one row, so padding pays; a CPU's time grows with the
+        # tokens run, padding included (measured: 8 x 285-315 tokens, one padded pass 5%
+        # slower than a pass each), so there only rows of the same lengths share a pass.
+        self.prefill_pads = model.device.type != "cpu"
         # KV prefixes (cartridges) in the model's dtype/device, one copy per KVPrefix object
         self._prefix_layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.tokenizer = tokenizer
@@ -87,12 +102,17 @@ class TransformersEngine(Engine):
         from transformers import DynamicCache
 
         row = DynamicCache(config=self.model.config)
-        start = 0
-        if 0 < prefix_len < len(prompt_ids):
-            for layer, (k, v) in enumerate(self._prefix_kv(prompt_ids[:prefix_len], kv_prefix)):
-                row.update(k.clone(), v.clone(), layer)
-            start = prefix_len
+        stored, start = self._stored_prefix(prompt_ids, prefix_len, kv_prefix)
+        for layer, (k, v) in enumerate(stored or []):
+            row.update(k.clone(), v.clone(), layer)
         return row, start
+
+    def _stored_prefix(self, prompt_ids: list[int], prefix_len: int, kv_prefix: KVPrefix | None):
+        """(the stored per-layer ``[1, kv_heads, prefix_len, d]`` K/V of the request's shared
+        prompt prefix, or None; the first prompt index still to run)."""
+        if 0 < prefix_len < len(prompt_ids):
+            return self._prefix_kv(prompt_ids[:prefix_len], kv_prefix), prefix_len
+        return None, 0
 
     def _positions(self, kv_prefix: KVPrefix | None, start: int, end: int):
         """Position ids of prompt tokens ``start..end-1`` (after the KV prefix, if any)."""
@@ -123,22 +143,116 @@ class TransformersEngine(Engine):
 
     def shared_prefix(self, kv_prefix: KVPrefix | None):
         """The ``cart_prefixes`` argument of a one-row forward pass behind ``kv_prefix``."""
+        return self.shared_prefixes([kv_prefix])
+
+    def shared_prefixes(self, kv_prefixes: list[KVPrefix | None], previous=None):
+        """The ``cart_prefixes`` of a batch whose row i is behind ``kv_prefixes[i]``: one group
+        per KV prefix object (each is read once per layer), rows behind none in no group; None
+        when no row has one. ``previous``: see ``SharedPrefixes``."""
         from cart.attention import SharedPrefixes
 
-        return None if kv_prefix is None else SharedPrefixes([self.prefix_group([0], kv_prefix)], 1)
+        by_prefix: dict[int, tuple[KVPrefix, list[int]]] = {}
+        for i, p in enumerate(kv_prefixes):
+            if p is not None:
+                by_prefix.setdefault(id(p), (p, []))[1].append(i)
+        groups = [self.prefix_group(rows, p) for p, rows in by_prefix.values()]
+        return SharedPrefixes(groups, len(kv_prefixes), previous=previous) if groups else None
 
     def prefill(self, request: GenerationRequest):
-        """Run one prompt alone -- no padding, so nothing masked -- after its KV prefix and the
-        stored KV of its shared prompt prefix. Returns (per-layer ``[1, kv_heads, n, d]`` K/V of
-        the prompt, last-position logits)."""
+        """Run one prompt alone after its KV prefix and the stored KV of its shared prompt
+        prefix. Returns (per-layer ``[1, kv_heads, n, d]`` K/V of the prompt, last-position
+        logits ``[vocab]``)."""
         import torch
 
-        row, start = self._row_cache(request.prompt_ids, request.prefix_len, request.kv_prefix)
-        out = self.model(input_ids=torch.tensor([request.prompt_ids[start:]], device=self.model.device),
-                         position_ids=self._positions(request.kv_prefix, start, len(request.prompt_ids)),
-                         past_key_values=row, use_cache=True, logits_to_keep=1,
-                         cart_prefixes=self.shared_prefix(request.kv_prefix))
-        return [(layer.keys, layer.values) for layer in row.layers], out.logits[0, -1].float()
+        (pieces,), logits, _ = self.prefill_rows([request])
+        return [tuple(torch.cat(part, dim=2) for part in zip(*layer)) for layer in pieces], logits[0]
+
+    def prefill_parts(self, requests: list[GenerationRequest]) -> list[list[int]]:
+        """Indices of ``requests`` split into sub-batches for ``prefill_rows``: each holds at
+        most ``prefill_tokens`` padded tokens (rows x (longest stored prefix + longest rest of
+        a prompt)), or is one request; without ``prefill_pads``, only rows of the same lengths.
+        Sorted by length first, so that rows of like lengths share a pass and little is
+        padding."""
+        def sizes(i):
+            r = requests[i]
+            start = self._stored_prefix_len(r)
+            return len(r.prompt_ids) - start, start
+
+        parts: list[list[int]] = []
+        width = (0, 0)  # (longest rest of a prompt, longest stored prefix) of the last part
+        for i in sorted(range(len(requests)), key=sizes):
+            n, s = sizes(i)
+            grown = (max(width[0], n), max(width[1], s))
+            if parts and (len(parts[-1]) + 1) * sum(grown) <= self.prefill_tokens and (
+                    self.prefill_pads or grown == (n, s) == width):
+                parts[-1].append(i)
+                width = grown
+            else:
+                parts.append([i])
+                width = (n, s)
+        return parts
+
+    @staticmethod
+    def _stored_prefix_len(r: GenerationRequest) -> int:
+        """Prompt tokens of ``r`` whose KV comes from the prefix store (``_stored_prefix``)."""
+        return r.prefix_len if 0 < r.prefix_len < len(r.prompt_ids) else 0
+
+    def prefill_rows(self, requests: list[GenerationRequest], previous=None):
+        """Prefill ``requests`` in one forward pass (callers keep it within ``prefill_tokens``:
+        ``prefill_parts``). Row i's columns: its stored prompt prefix (s_i tokens) right-aligned
+        in a past of P = max s columns, then its remaining n_i prompt tokens right-aligned
+        (left-padded) in T = max n columns; so every row's last token is the last column
+        (``logits_to_keep=1``). The mask (``_prefill_mask``) hides the gaps; position ids are
+        given per row (after the row's KV prefix, if any); each KV prefix (cartridge) is a group
+        of ``shared_prefixes``, read where it is stored (``previous``: see ``SharedPrefixes``).
+
+        Returns (per row, per layer, the ``(k, v)`` pieces ``[1, kv_heads, m, d]`` that laid end
+        to end are the row's own K/V -- views into the pass's cache, no copy; last-position
+        logits ``[B, vocab]`` float; the pass's ``SharedPrefixes`` or None)."""
+        import torch
+
+        stored = [self._stored_prefix(r.prompt_ids, r.prefix_len, r.kv_prefix) for r in requests]
+        starts = [s for _, s in stored]
+        news = [len(r.prompt_ids) - s for r, s in zip(requests, starts)]
+        P, T = max(starts), max(news)
+        ids = torch.full((len(requests), T), self.pad_token_id, dtype=torch.long)
+        positions = torch.zeros((len(requests), T), dtype=torch.long)
+        for i, (r, s, n) in enumerate(zip(requests, starts, news)):
+            ids[i, T - n:] = torch.tensor(r.prompt_ids[s:])
+            first = (r.kv_prefix.query_position if r.kv_prefix else 0) + s
+            positions[i] = first + (torch.arange(T) - (T - n)).clamp(min=0)  # padding: any
+        cache = self._prefill_past([kv for kv, _ in stored], P, T)
+        device = self.model.device
+        shared = self.shared_prefixes([r.kv_prefix for r in requests], previous=previous)
+        out = self.model(input_ids=ids.to(device), position_ids=positions.to(device),
+                         attention_mask=_prefill_mask(starts, news, device), past_key_values=cache,
+                         use_cache=True, logits_to_keep=1, cart_prefixes=shared)
+        pieces = [[[(layer.keys[i:i + 1, :, P - s:P], layer.values[i:i + 1, :, P - s:P])] * (s > 0)
+                   + [(layer.keys[i:i + 1, :, P + T - n:], layer.values[i:i + 1, :, P + T - n:])]
+                   for layer in cache.layers] for i, (s, n) in enumerate(zip(starts, news))]
+        return pieces, out.logits[:, -1].float(), shared
+
+    def _prefill_past(self, stored: list, P: int, T: int):
+        """The cache a ``prefill_rows`` pass starts from: each row's stored prompt-prefix K/V
+        (``stored[i]``: per-layer ``[1, kv_heads, s_i, d]``, or None) right-aligned in P
+        zero-filled columns, in buffers ``[B, kv_heads, P + T, d]`` the pass writes its T
+        columns into (no concatenation). Empty when no row has a stored prefix."""
+        from transformers import DynamicCache
+
+        if P == 0:
+            return DynamicCache(config=self.model.config)
+        kv0 = next(kv for kv in stored if kv is not None)
+        keys, values = [], []
+        for layer, (k0, _) in enumerate(kv0):
+            k = k0.new_zeros((len(stored), k0.shape[1], P + T, k0.shape[3]))
+            v = k.clone()
+            for i, kv in enumerate(stored):
+                if kv is not None:
+                    s = kv[layer][0].shape[2]
+                    k[i, :, P - s:P], v[i, :, P - s:P] = kv[layer][0][0], kv[layer][1][0]
+            keys.append(k)
+            values.append(v)
+        return preallocated_cache(self.model, keys, values, P)
 
     def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
         import torch
@@ -197,8 +311,9 @@ class BatchRow:
 class TransformersBatch(RunningBatch):
     """A running batch: per-row caches laid out left-padded in preallocated buffers (decoding
     writes in place), a mask, next positions and pending next-token logits. ``add`` prefills
-    newcomers one by one and lays every row out again; ``step`` picks a token for every row,
-    drops the finished ones and runs one forward pass for the rest."""
+    newcomers together (``TransformersEngine.prefill_rows``, a forward pass per sub-batch) and
+    lays every row out again; ``step`` picks a token for every row, drops the finished ones and
+    runs one forward pass for the rest."""
 
     def __init__(self, engine: TransformersEngine):
         self.engine = engine
@@ -214,24 +329,35 @@ class TransformersBatch(RunningBatch):
 
         if not requests:
             return []
+        if any(r.max_new_tokens < 1 for r in requests):
+            raise ValueError("max_new_tokens must be >= 1")
         engine = self.engine
-        fresh, kvs, logits = [], [], []
+        kvs, logits = [None] * len(requests), [None] * len(requests)
+        # The padded stack of several cartridges (cart.attention) is handed from pass to pass
+        # and on to the batch, so that it is built once where it serves them all.
+        stacked = self._groups
         with torch.inference_mode():
+            for part in engine.prefill_parts(requests):  # one forward pass each
+                pieces, last, shared = engine.prefill_rows([requests[i] for i in part], stacked)
+                for j, i in enumerate(part):
+                    kvs[i], logits[i] = pieces[j], last[j]
+                if shared is not None and shared.stacked_nbytes():
+                    stacked = shared
+            fresh = []
             for r, seed in zip(requests, seeds):
-                if r.max_new_tokens < 1:
-                    raise ValueError("max_new_tokens must be >= 1")
-                kv, last = engine.prefill(r)
                 first = r.kv_prefix.query_position if r.kv_prefix else 0
                 fresh.append(BatchRow(r, torch.Generator(device="cpu").manual_seed(seed),
                                       Generation([], False), len(r.prompt_ids), first + len(r.prompt_ids)))
-                kvs.append(kv)
-                logits.append(last)
-            self._lay_out(fresh, kvs, torch.stack(logits))
+            self._lay_out(fresh, kvs, torch.stack(logits), stacked)
         return fresh
 
-    def _lay_out(self, fresh: list[BatchRow], kvs: list, logits) -> None:
+    def _lay_out(self, fresh: list[BatchRow], kvs: list, logits, stacked=None) -> None:
         """Copy the current rows and the newcomers into new left-padded buffers just wide
-        enough for the longest row and with room for every token still to come."""
+        enough for the longest row and with room for every token still to come. ``kvs[i]``:
+        newcomer i's per-layer list of ``(k, v)`` pieces ``[1, kv_heads, m, d]`` that laid end
+        to end are its own K/V (``TransformersEngine.prefill_rows``); ``logits``: their
+        ``[len(fresh), vocab]`` next-token scores; ``stacked``: a ``SharedPrefixes`` whose stack
+        of cartridges may be reused."""
         import torch
 
         device = self.engine.model.device
@@ -241,7 +367,7 @@ class TransformersBatch(RunningBatch):
         capacity = width + max(r.request.max_new_tokens - len(r.out.token_ids) for r in rows)
         old_width = self.mask.shape[1] if old else 0
         old_len = max((r.length for r in old), default=0)
-        ref = kvs[0][0][0]
+        ref = kvs[0][0][0][0]
         keys, values = [], []
         for layer in range(len(kvs[0])):
             k = ref.new_zeros((len(rows), ref.shape[1], capacity, ref.shape[3]))
@@ -251,9 +377,11 @@ class TransformersBatch(RunningBatch):
                 k[:len(old), :, width - old_len:width] = src.keys[:, :, old_width - old_len:old_width]
                 v[:len(old), :, width - old_len:width] = src.values[:, :, old_width - old_len:old_width]
             for i, row in enumerate(fresh):
-                fk, fv = kvs[i][layer]
-                k[len(old) + i, :, width - row.length:width] = fk[0]
-                v[len(old) + i, :, width - row.length:width] = fv[0]
+                col = width - row.length
+                for fk, fv in kvs[i][layer]:
+                    k[len(old) + i, :, col:col + fk.shape[2]] = fk[0]
+                    v[len(old) + i, :, col:col + fk.shape[2]] = fv[0]
+                    col += fk.shape[2]
             keys.append(k)
             values.append(v)
         self.cache = None  # the old buffers go before the next are in use
@@ -263,23 +391,18 @@ class TransformersBatch(RunningBatch):
             self.mask[i, width - row.length:] = 1
         self.logits = logits if not old else torch.cat([self.logits, logits])
         self.rows = rows
-        self._regroup()
+        self._regroup(stacked)
 
-    def _regroup(self) -> None:
+    def _regroup(self, previous) -> None:
         """Group rows by KV prefix object: each group reads its prefix once per layer. Called
         only when rows join or leave, so the ``SharedPrefixes`` (and the stack of several
         cartridges built on it) serves every decode step in between; the previous one is
-        handed over so that rows leaving keep its stack instead of copying the cartridges
-        again."""
-        from cart.attention import SharedPrefixes
-
-        by_prefix: dict[int, tuple[Any, list[int]]] = {}
-        for i, row in enumerate(self.rows):
-            if row.request.kv_prefix is not None:
-                by_prefix.setdefault(id(row.request.kv_prefix), (row.request.kv_prefix, []))[1].append(i)
-        groups = [self.engine.prefix_group(rows, p) for p, rows in by_prefix.values()]
-        self._groups = SharedPrefixes(groups, len(self.rows), previous=self._groups) if groups else None
+        handed over (``previous``) so that rows leaving keep its stack instead of copying the
+        cartridges again."""
         import torch
+
+        self._groups = self.engine.shared_prefixes([r.request.kv_prefix for r in self.rows],
+                                                   previous=previous)
 
         self.positions = torch.tensor([[r.position] for r in self.rows], device=self.engine.model.device)
 
@@ -302,7 +425,7 @@ class TransformersBatch(RunningBatch):
             layer.keep_rows(index)
         self.mask, self.logits = self.mask[index], self.logits[index]
         self.rows = [self.rows[i] for i in keep]
-        self._regroup()
+        self._regroup(self._groups)
 
     def kv_bytes(self) -> int:
         """Bytes of KV the batch holds: the row buffers, plus each shared prefix once, plus the
@@ -369,6 +492,25 @@ class TransformersBatch(RunningBatch):
                 row.position += 1
             self.positions = self.positions + 1
         return events
+
+
+def _prefill_mask(starts: list[int], news: list[int], device):
+    """The mask of a ``prefill_rows`` pass, ``[B, 1, T, P + T]`` bool (True: attend), or None
+    when no row is padded (the model's causal mask is then exact). Query t of row i reads the
+    columns up to its own that are the row's: its stored prefix ``[P - s_i, P)`` and its
+    tokens ``[P + T - n_i, P + T)``. A padding query also reads itself: with nothing to read
+    (no stored prefix, no cartridge) its softmax would be NaN, and a NaN key/value in the next
+    layer reaches the row's real queries as 0 * NaN even though it is masked for them."""
+    import torch
+
+    P, T = max(starts), max(news)
+    if all(s == P for s in starts) and all(n == T for n in news):
+        return None
+    col = torch.arange(P + T)
+    query = P + torch.arange(T).unsqueeze(1)  # [T, 1]: the column of each query
+    own = torch.stack([(col >= P - s) & ((col < P) | (col >= P + T - n)) for s, n in zip(starts, news)])
+    allowed = (own[:, None, :] & (col <= query)) | (col == query)  # [B, T, P + T]
+    return allowed.unsqueeze(1).to(device)
 
 
 def preallocated_cache(model: Any, key_buffers: list[Any], value_buffers: list[Any], length: int):
