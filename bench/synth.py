@@ -105,7 +105,7 @@ def main() -> None:
 
     convos = len(recs)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; model {engine.model_id}, fp32")
+          f"{torch.get_num_threads()} threads; model {engine.identity.model_id}, fp32")
     print(f"work: {convos} conversations, 1 turn, chunks {args.min_chunk}-{args.max_chunk} tokens, "
           f"A <= {args.max_tokens_a} and B <= {args.max_tokens_b} tokens, greedy, batch {args.batch_size}")
     rows = [
