@@ -13,7 +13,8 @@ Hugging Face folder (config.json + safetensors + tokenizer files, e.g. a random-
 real architecture built by ../shared/gpu/make_model.py on a host without network), a .gguf file.
 --device: cpu, cuda, cuda:N or auto; the model, the cartridge and every batch live there.
 --dtype: as ``cart distill --dtype`` (``cart.distill.compute_dtype``): the model is loaded in
-float32 and, with bfloat16, runs under bfloat16 autocast; auto = bfloat16 on GPUs and on CPUs
+float32 and, with bfloat16, runs under bfloat16 autocast (on CUDA its frozen weights are then
+held in bfloat16, as cart distill holds them); auto = bfloat16 on GPUs and on CPUs
 with AVX512-BF16/AMX, else float32.
 
 Timing: only the training step (forward, backward, Adam step) is timed, after a warm-up step,
