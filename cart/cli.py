@@ -312,9 +312,15 @@ def compact_command(
                                           "the most the model's context allows]")] = None,
     max_queries: Annotated[Optional[int], _opt("--max-queries", "Reference query vectors per KV "
                                                "head in each layer's fit.")] = None,
+    budget: Annotated[Optional[str], _opt("--budget", "How keys are shared out: global (each "
+                                          "layer and head keeps what attention needs, the same "
+                                          "memory in all; a flat cartridge) or uniform (p per "
+                                          "layer and head; the only kind vLLM serves). [default: "
+                                          "global]")] = None,
     biases: Annotated[Optional[bool], _opt("--biases/--no-biases", "Fit a per-key attention "
                                            "bias too (the transformers engine applies it; vLLM "
-                                           "refuses such cartridges).")] = None,
+                                           "refuses such cartridges). [default: with a global "
+                                           "budget]")] = None,
     device: DeviceOpt = None,
     output: CartridgeOutOpt = None,
     model: ModelOpt = None,

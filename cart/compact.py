@@ -30,12 +30,23 @@ class CompactConfig:
     tokens: int = 512  # p, KV positions per layer (the sink included)
     window: int | None = None  # corpus tokens per window; None: the most the context allows
     max_queries: int = 4096  # reference query vectors per KV head in each layer's fit
-    biases: bool = False  # per-key attention biases: the transformers engine only, no better here
+    # global: each (layer, head) keeps what attention needs, same total memory (a flat
+    # cartridge, transformers engine only); uniform: p per layer and head (vLLM serves it)
+    budget: str = "global"
+    # per-key attention biases; None: with a global budget (where they close much of the gap)
+    # but not a uniform one (where they did not help, and vLLM would refuse the cartridge)
+    biases: bool | None = None
     device: str = "auto"
 
     def __post_init__(self):
+        from cart.compaction import BUDGETS
+
         check_type("tokens", self.tokens, int)
         check_type("max_queries", self.max_queries, int)
+        if self.budget not in BUDGETS:
+            raise CartError(f"--budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
+        if self.biases is None:
+            self.biases = self.budget == "global"
         check_type("biases", self.biases, bool)
         if self.tokens < 2:
             raise CartError(f"-p/--tokens must be at least 2, got {self.tokens}")
@@ -93,8 +104,8 @@ def compact_ids(model: Any, tokenizer: Any, corpus_ids: Sequence[int], cfg: Comp
         ids = list(corpus_ids[start:end])
         prefix = document_turn_ids(tokenizer, tokenizer.decode(ids))
         refs = [repeat_query_ids(tokenizer, ids)] + (list(queries) if len(bounds) == 1 else [])
-        part = compact(model, prefix, refs,
-                       CompactionConfig(trainable + 1, cfg.max_queries, bias=cfg.biases))
+        part = compact(model, prefix, refs, CompactionConfig(trainable + 1, cfg.max_queries,
+                                                             bias=cfg.biases, budget=cfg.budget))
         console.info(f"window {w + 1}/{len(bounds)}: corpus tokens {start}..{end}, {len(prefix)} "
                      f"KV positions -> {trainable + 1}")
         parts.append((f"window {w + 1}", part, ""))
@@ -103,7 +114,7 @@ def compact_ids(model: Any, tokenizer: Any, corpus_ids: Sequence[int], cfg: Comp
     cart.metadata.update(
         corpus_tokens=len(corpus_ids),
         init={"kind": "attention-match", "windows": len(bounds), "window_tokens": window,
-              "max_queries": cfg.max_queries, "biases": cfg.biases,
+              "max_queries": cfg.max_queries, "biases": cfg.biases, "budget": cfg.budget,
               "extra_queries": len(queries) if len(bounds) == 1 else 0,
               "seconds": round(seconds, 1)})
     cart.metadata.pop("parts", None)  # the windows are not files

@@ -23,6 +23,15 @@ it -- queries that already went through the compacted earlier layers (one forwar
 ``cart.attention`` calls ``fit``). Positions stay where they were: compacted keys keep their
 corpus positions, so the queries after the cartridge start at ``T`` (``query_position``).
 
+Budgets (``budget``): *uniform* keeps p - 1 keys in every layer and KV head (a rectangular
+cartridge); *global* keeps the same total, ``layers x kv_heads x (p - 1)`` keys, but spends it
+where attention needs it: a first pass runs the reference queries behind the whole corpus and
+scores every (layer, head, key) by its highest attention weight, the top scores over the whole
+model decide how many keys each head keeps (``allocate``), and the fitting pass then fits each
+head with its own count. Heads differ a lot: on SmolLM2 a few copy-heavy layers want thousands
+of keys, most a dozen. The result is a flat cartridge (``cart.cartridge.flat_layer``): the
+same K/V memory as the uniform one, per-key biases masking each head's keys to its own queries.
+
 Reference queries: *repeat-prefill* -- the model reads the corpus, is asked "Repeat the
 previous context." and reads it again, so every part of the corpus is looked up by some query --
 and, where given, further token sequences (self-study conversations). Both are rendered as they
@@ -32,7 +41,7 @@ follow the cartridge (``cart.chat.render_cartridge_ids``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Sequence
 
 from cart.io import CartError
@@ -43,6 +52,7 @@ if TYPE_CHECKING:
     from cart.cartridge import Cartridge
 
 REPEAT_PROMPT = "Repeat the previous context."
+BUDGETS = ("uniform", "global")
 
 
 @dataclass
@@ -62,6 +72,7 @@ class CompactionConfig:
     on_policy: bool = True  # False: every layer fitted to the queries of the original prefix
     select: str = "max"  # key ranking: highest attention of any query (max), rms or mean attention
     bias_bound: float = 3.0  # biases are kept in [-bound, bound] (weights e^-b..e^b)
+    budget: str = "uniform"  # uniform: p - 1 keys per layer and head; global: see the module doc
 
     def __post_init__(self):
         if self.tokens < 2:
@@ -72,6 +83,8 @@ class CompactionConfig:
             raise CartError(f"ridge must be >= 0, got {self.ridge}")
         if self.select not in ("max", "rms", "mean"):
             raise CartError(f"select must be max, rms or mean, got {self.select!r}")
+        if self.budget not in BUDGETS:
+            raise CartError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
         if not self.bias_bound > 0:
             raise CartError(f"bias_bound must be > 0, got {self.bias_bound}")
 
@@ -90,11 +103,11 @@ def compact(model: Any, prefix_ids: Sequence[int], queries: Sequence[Sequence[in
     """A cartridge of ``cfg.tokens`` positions per layer standing for the KV cache of
     ``prefix_ids`` (T tokens, the first a sink), fitted to the reference query sequences
     ``queries`` (token ids that follow the prefix). ``query_position`` is T; per-layer biases
-    ``[kv_heads, p]`` (none when ``cfg.bias`` is off). Runs in the model's device, fitting in
-    float32/float64."""
+    ``[kv_heads, p]`` (none when ``cfg.bias`` is off). With ``cfg.budget`` global, a flat
+    cartridge of the same K/V memory whose heads keep ``allocate``'s counts. Runs in the
+    model's device, fitting in float32/float64."""
     import torch
 
-    from cart.cartridge import Cartridge
     from cart.kvcache import prefix_kv
 
     t = len(prefix_ids)
@@ -105,9 +118,27 @@ def compact(model: Any, prefix_ids: Sequence[int], queries: Sequence[Sequence[in
         raise CartError("compaction needs at least one non-empty reference query sequence")
     device = next(model.parameters()).device
     kv = prefix_kv(model, torch.tensor(list(prefix_ids), device=device))
-    fitter = _LayerFitter(kv, cfg)
-    # the reference sequences packed into one row, each at positions t, t+1, ... and seeing
-    # only itself (and the prefix)
+    counts = None
+    if cfg.budget == "global":
+        scorer = _KeyScorer(kv, cfg)
+        _run_queries(model, t, queries, scorer)
+        counts = allocate(torch.stack(scorer.scores), len(kv) * kv[0][0].shape[0] * (cfg.tokens - 1))
+    fitter = _LayerFitter(kv, cfg, counts)
+    _run_queries(model, t, queries, fitter)
+    if len(fitter.heads) != len(kv):
+        raise RuntimeError(f"compaction fitted {len(fitter.heads)} of {len(kv)} layers: the "
+                           "model's attention does not go through cart_gqa")
+    return fitter.cartridge({"query_position": t}, kv[0][0].dtype)
+
+
+def _run_queries(model: Any, t: int, queries: Sequence[Sequence[int]], fitter: Any) -> None:
+    """One forward pass of the reference sequences packed into one row, each at positions t,
+    t+1, ... and seeing only itself (and the prefix ``fitter.fit`` gives every layer)."""
+    import torch
+
+    from cart.attention import register
+
+    device = next(model.parameters()).device
     total = sum(len(q) for q in queries)
     ids = torch.tensor([i for q in queries for i in q], device=device).unsqueeze(0)
     positions = torch.cat([torch.arange(t, t + len(q)) for q in queries]).to(device).unsqueeze(0)
@@ -115,8 +146,6 @@ def compact(model: Any, prefix_ids: Sequence[int], queries: Sequence[Sequence[in
     causal = torch.ones((total, total), dtype=torch.bool, device=device).tril()
     mask = (causal & (segment.unsqueeze(0) == segment.unsqueeze(1))).view(1, 1, total, total)
     previous = model.config._attn_implementation
-    from cart.attention import register
-
     model.set_attn_implementation(register())
     try:
         with torch.no_grad():
@@ -124,62 +153,151 @@ def compact(model: Any, prefix_ids: Sequence[int], queries: Sequence[Sequence[in
                         use_cache=False, cart_compaction=fitter)
     finally:
         model.set_attn_implementation(previous)
-    if len(fitter.layers) != len(kv):
-        raise RuntimeError(f"compaction fitted {len(fitter.layers)} of {len(kv)} layers: the "
-                           "model's attention does not go through cart_gqa")
-    dtype = kv[0][0].dtype
-    cart = Cartridge(
-        frozen_keys=[k[:, :1].contiguous() for k, _ in kv],
-        frozen_values=[v[:, :1].contiguous() for _, v in kv],
-        keys=[k[:, 1:].to(dtype).contiguous() for k, _ in fitter.layers],
-        values=[v[:, 1:].to(dtype).contiguous() for _, v in fitter.layers],
-        metadata={"query_position": t},
-        biases=[b.float().cpu() for b in fitter.biases] if cfg.bias else None)
-    return cart
+
+
+def reference_queries(query: torch.Tensor, kv_heads: int, cfg: CompactionConfig) -> torch.Tensor:
+    """``query`` ``[B, heads, L, d]`` -> ``[kv_heads, N, d]`` float32: the queries of every
+    token (one packed row) and query head, grouped under their KV head (head h uses KV head
+    h // group), subsampled to ``cfg.max_queries``."""
+    import torch
+
+    b, heads, length, d = query.shape
+    group = heads // kv_heads
+    q = query.permute(0, 2, 1, 3).reshape(b * length, heads, d)  # [n, heads, d]
+    q = q.reshape(-1, kv_heads, group, d).permute(1, 0, 2, 3).reshape(kv_heads, -1, d)
+    n = q.shape[1]
+    if n > cfg.max_queries:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        pick = torch.randperm(n, generator=gen)[:cfg.max_queries].sort().values
+        q = q[:, pick.to(q.device)]
+    return q.float()
+
+
+def allocate(scores: torch.Tensor, total: int) -> torch.Tensor:
+    """``scores`` ``[layers, kv_heads, T]`` (each key's highest attention weight from any
+    reference query; the sink's column is ignored) -> ``[layers, kv_heads]`` how many non-sink
+    keys each head keeps: the ``total`` best scores over the whole model."""
+    import torch
+
+    layers, heads, t = scores.shape
+    ranked = scores[:, :, 1:].reshape(-1)
+    chosen = ranked.topk(min(total, ranked.numel())).indices // (t - 1)  # (layer, head) of each
+    return torch.bincount(chosen, minlength=layers * heads).view(layers, heads)
+
+
+class _KeyScorer:
+    """The first pass of a global budget: each layer's keys scored by the highest attention
+    weight any reference query gives them behind the whole prefix (``scores``: per layer
+    ``[kv_heads, T]``); every layer attends to the whole prefix."""
+
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], cfg: CompactionConfig):
+        self.kv, self.cfg = kv, cfg
+        self.scores: list[torch.Tensor] = []
+
+    def fit(self, layer: int, query: torch.Tensor, scaling: float | None):
+        import torch
+
+        from cart.attention import SharedPrefixes
+
+        keys, _ = self.kv[layer]
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        q = reference_queries(query, keys.shape[0], self.cfg)
+        weights = torch.matmul(q, keys.float().transpose(1, 2)).mul_(scale).softmax(dim=-1)
+        self.scores.append(weights.amax(dim=1).cpu())
+        return SharedPrefixes([(list(range(query.shape[0])), self.kv, None)], query.shape[0])
 
 
 class _LayerFitter:
     """Fits each layer, when the forward pass reaches its attention, to the queries that reach
     it (``cart.attention.gqa_attention`` calls ``fit``), and returns the compacted prefix for the
-    rest of that attention call."""
+    rest of that attention call. ``counts`` (``[layers, kv_heads]``, a global budget) gives each
+    head its own number of non-sink keys; None: ``cfg.tokens - 1`` each."""
 
-    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], cfg: CompactionConfig):
-        self.kv, self.cfg = kv, cfg
-        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # compacted [kv_heads, p, d]
-        self.biases: list[torch.Tensor] = []  # [kv_heads, p]
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], cfg: CompactionConfig,
+                 counts: torch.Tensor | None = None):
+        self.kv, self.cfg, self.counts = kv, cfg, counts
+        # per layer, per KV head: (keys [n + 1, d], values [n + 1, d], biases [n + 1]), sink first
+        self.heads: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # as attended: see _attended
+        self.biases: list[torch.Tensor] = []
 
     def fit(self, layer: int, query: torch.Tensor, scaling: float | None):
         """``query``: ``[B, heads, L, d]`` post-RoPE; returns ``SharedPrefixes`` over every row."""
         from cart.attention import SharedPrefixes
 
-        if layer != len(self.layers):
-            raise RuntimeError(f"layers reached out of order: {layer} after {len(self.layers) - 1}")
+        if layer != len(self.heads):
+            raise RuntimeError(f"layers reached out of order: {layer} after {len(self.heads) - 1}")
         keys, values = self.kv[layer]
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        q = self._reference(query, keys.shape[0])
-        k, v, bias = fit_head_group(keys, values, q, scale, self.cfg)
-        self.layers.append((k.to(query.dtype), v.to(query.dtype)))
+        q = reference_queries(query, keys.shape[0], self.cfg)
+        if self.counts is None:
+            k, v, bias = fit_head_group(keys, values, q, scale, self.cfg)
+            self.heads.append([(k[h], v[h], bias[h]) for h in range(k.shape[0])])
+        else:
+            self.heads.append([self._fit_head(keys[h:h + 1], values[h:h + 1], q[h:h + 1], scale,
+                                              int(self.counts[layer, h])) for h in range(keys.shape[0])])
+        k, v, bias = self._attended(self.heads[-1], query.dtype)
+        self.layers.append((k, v))
         self.biases.append(bias)
         if not self.cfg.on_policy:  # later layers see what the whole prefix gives
             return SharedPrefixes([(list(range(query.shape[0])), self.kv, None)], query.shape[0])
-        return SharedPrefixes([(list(range(query.shape[0])), self.layers, self.biases)], query.shape[0])
+        biases = None if bias is None else self.biases  # every layer has them, or none
+        return SharedPrefixes([(list(range(query.shape[0])), self.layers, biases)], query.shape[0])
 
-    def _reference(self, query: torch.Tensor, kv_heads: int) -> torch.Tensor:
-        """``[kv_heads, N, d]``: the queries of every token (one packed row) and query head,
-        grouped under their KV head (head h uses KV head h // group), subsampled to
-        ``max_queries``."""
+    def _fit_head(self, keys, values, q, scale: float, kept: int):
+        """One KV head keeping ``kept`` keys besides its sink (``[1, T, d]`` K/V, ``[1, N, d]``
+        queries) -> its keys, values ``[kept + 1, d]`` and biases ``[kept + 1]``."""
         import torch
 
-        b, heads, length, d = query.shape
-        group = heads // kv_heads
-        q = query.permute(0, 2, 1, 3).reshape(b * length, heads, d)  # [n, heads, d]
-        q = q.reshape(-1, kv_heads, group, d).permute(1, 0, 2, 3).reshape(kv_heads, -1, d)
-        n = q.shape[1]
-        if n > self.cfg.max_queries:
-            gen = torch.Generator().manual_seed(self.cfg.seed)
-            pick = torch.randperm(n, generator=gen)[:self.cfg.max_queries].sort().values
-            q = q[:, pick.to(q.device)]
-        return q.float()
+        if kept == 0:  # the sink alone
+            return keys[0, :1].float(), values[0, :1].float(), torch.zeros(1, device=keys.device)
+        k, v, bias = fit_head_group(keys, values, q, scale, replace(self.cfg, tokens=kept + 1))
+        return k[0], v[0], bias[0]
+
+    def _attended(self, heads, dtype):
+        """The layer as the rest of the pass attends to it: ``[kv_heads, n_max + 1, d]`` K/V,
+        heads with fewer keys padded with zeros under -inf biases, and biases ``[kv_heads,
+        n_max + 1]`` (None: no biases and no padding)."""
+        import torch
+
+        width = max(k.shape[0] for k, _, _ in heads)
+        if self.counts is None:
+            bias = torch.stack([b for _, _, b in heads]) if self.cfg.bias else None
+            return (torch.stack([k for k, _, _ in heads]).to(dtype),
+                    torch.stack([v for _, v, _ in heads]).to(dtype), bias)
+        k = heads[0][0].new_zeros(len(heads), width, heads[0][0].shape[-1])
+        v, bias = k.clone(), k.new_full((len(heads), width), float("-inf"))
+        for h, (hk, hv, hb) in enumerate(heads):
+            k[h, :len(hk)], v[h, :len(hk)], bias[h, :len(hk)] = hk, hv, hb if self.cfg.bias else 0
+        return k.to(dtype), v.to(dtype), bias
+
+    def cartridge(self, metadata: dict[str, Any], dtype) -> Cartridge:
+        """The fitted layers as a cartridge in ``dtype``: rectangular (a uniform budget; biases
+        when ``cfg.bias``), or flat (a global one, ``cart.cartridge.flat_layer``)."""
+        import torch
+
+        from cart.cartridge import Cartridge
+
+        if self.counts is None:
+            k = [torch.stack([hk for hk, _, _ in heads]) for heads in self.heads]
+            v = [torch.stack([hv for _, hv, _ in heads]) for heads in self.heads]
+            biases = ([torch.stack([hb for _, _, hb in heads]).float().cpu() for heads in self.heads]
+                      if self.cfg.bias else None)
+            return Cartridge(frozen_keys=[x[:, :1].to(dtype).contiguous() for x in k],
+                             frozen_values=[x[:, :1].to(dtype).contiguous() for x in v],
+                             keys=[x[:, 1:].to(dtype).contiguous() for x in k],
+                             values=[x[:, 1:].to(dtype).contiguous() for x in v],
+                             metadata=metadata, biases=biases)
+        from cart.cartridge import flat_layer
+
+        flat = [flat_layer([hk for hk, _, _ in heads], [hv for _, hv, _ in heads],
+                           [hb if self.cfg.bias else hb * 0 for _, _, hb in heads]) for heads in self.heads]
+        sinks = len(self.heads[0])
+        return Cartridge(frozen_keys=[k[:, :sinks].to(dtype).contiguous() for k, _, _ in flat],
+                         frozen_values=[v[:, :sinks].to(dtype).contiguous() for _, v, _ in flat],
+                         keys=[k[:, sinks:].to(dtype).contiguous() for k, _, _ in flat],
+                         values=[v[:, sinks:].to(dtype).contiguous() for _, v, _ in flat],
+                         metadata=metadata, biases=[b.float().cpu() for _, _, b in flat])
 
 
 def fit_head_group(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, scale: float,

@@ -96,6 +96,84 @@ def test_compaction_reproduces_attention_on_held_out_queries(tiny):
     assert errors[4] > errors[12] > errors[24] > errors[48], errors
 
 
+def test_allocate_spends_the_budget_on_the_best_keys_over_the_whole_model():
+    from cart.compaction import allocate
+
+    scores = torch.zeros(2, 3, 6)  # [layers, kv_heads, T]
+    scores[0, 1, 1:] = torch.tensor([0.9, 0.8, 0.7, 0.01, 0.02])
+    scores[1, 2, 1:] = torch.tensor([0.6, 0.5, 0.03, 0.04, 0.05])
+    scores[:, :, 0] = 1.0  # the sink: kept anyway, never counted
+    counts = allocate(scores, 5)
+    assert counts.tolist() == [[0, 3, 0], [0, 0, 2]]
+    assert int(allocate(scores, 30).sum()) == 30 and allocate(scores, 30).max() == 5
+
+
+def global_errors(model, tok, prefix, train, held_out, budget):
+    """Per p: the worst layer's error of held-out queries' prefix attention (output and
+    log-mass) with the compacted cartridge against the whole prefix."""
+    from cart.compaction import CompactionConfig, compact
+    from cart.kvcache import prefix_kv
+
+    kv = prefix_kv(model, torch.tensor(prefix))
+    queries = layer_queries(model, len(prefix), kv, held_out)
+    errors = {}
+    for p in (4, 12, 24, len(prefix)):
+        cart = compact(model, prefix, train, CompactionConfig(tokens=p, budget=budget))
+        assert cart.query_position == len(prefix)
+        worst = 0.0
+        for layer, (q, scale) in enumerate(queries):
+            ref_out, ref_mass = prefix_attention(q, *kv[layer], scale)
+            k, v = cart.layer(layer)
+            out, mass = prefix_attention(q, k.expand(kv[layer][0].shape[0], -1, -1),
+                                         v.expand(kv[layer][0].shape[0], -1, -1), scale,
+                                         cart.biases[layer] if cart.biases is not None else None)
+            err = ((out - ref_out).norm(dim=-1) / ref_out.norm(dim=-1).clamp_min(1e-6)).mean()
+            worst = max(worst, float(err), float((mass - ref_mass).abs().mean()))
+        errors[p] = worst
+    return errors
+
+
+def test_global_budget_reproduces_attention_on_held_out_queries(tiny):
+    """A global budget: the same memory as p per head, shared out by attention; held-out
+    queries read nearly what they read from the whole prefix, the error falling as p grows and
+    vanishing at p = T (every head keeps every key)."""
+    model, tok, _ = tiny
+    prefix = ids_of(tok, 48, 0)
+    train = [ids_of(tok, 200, 1)[1:], ids_of(tok, 120, 2)[1:]]
+    errors = global_errors(model, tok, prefix, train, ids_of(tok, 60, 3)[1:], "global")
+    assert errors[48] < 1e-3, errors
+    assert errors[4] > errors[12] > errors[24] > errors[48], errors
+
+
+def test_global_budget_is_a_flat_cartridge_of_the_uniform_memory(tiny):
+    """Heads keep different numbers of keys (the sum is the uniform budget's), each kept key
+    is one of its own head's corpus keys at its corpus position, sinks kept whole, and every
+    head's keys are masked to its own queries."""
+    from cart.compaction import CompactionConfig, compact
+    from cart.kvcache import prefix_kv
+
+    model, tok, _ = tiny
+    prefix = ids_of(tok, 40, 4)
+    kv = prefix_kv(model, torch.tensor(prefix))
+    uniform = compact(model, prefix, [ids_of(tok, 80, 5)], CompactionConfig(tokens=10))
+    flat = compact(model, prefix, [ids_of(tok, 80, 5)], CompactionConfig(tokens=10, budget="global"))
+    assert flat.flat and flat.kv_bytes() == uniform.kv_bytes() and flat.num_tokens == 10
+    heads = kv[0][0].shape[0]
+    per_head = []
+    for layer, (k, _) in enumerate(kv):
+        keys, _ = flat.layer(layer)
+        bias = flat.biases[layer]
+        assert keys.shape[0] == 1 and bias.shape == (heads, keys.shape[1])
+        for h in range(heads):
+            own = torch.isfinite(bias[h])
+            assert torch.equal(keys[0, h], k[h, 0]) and bool(own[h])  # head h's sink, column h
+            per_head.append(int(own.sum()) - 1)
+            for key in keys[0, own]:
+                assert torch.isclose(k[h], key).all(dim=-1).any()
+        assert int(torch.isfinite(bias).sum()) == keys.shape[1]  # each key serves one head
+    assert sum(per_head) == len(kv) * heads * 9 and len(set(per_head)) > 1
+
+
 def test_compaction_keeps_the_sink_and_corpus_positions(tiny):
     from cart.compaction import CompactionConfig, compact
     from cart.kvcache import prefix_kv
@@ -246,14 +324,19 @@ def test_windows_join_into_one_cartridge(tiny):
     model, tok, _ = tiny
     corpus = tok(TRAINING_TEXT * 3, add_special_tokens=False)["input_ids"]
     window = len(corpus) // 3 + 1
-    cart = compact_ids(model, tok, corpus, CompactConfig(tokens=16, window=window, biases=True),
-                       Console(True))
+    cart = compact_ids(model, tok, corpus, CompactConfig(tokens=16, window=window, biases=True,
+                                                         budget="uniform"), Console(True))
     assert cart.num_tokens == 16 and cart.metadata["init"]["windows"] == 3
     # queries start after a window's turn, not after the whole corpus
     assert cart.biases is not None and len(corpus) // 3 < cart.query_position < len(corpus)
-    plain = compact_ids(model, tok, corpus, CompactConfig(tokens=16, window=window), Console(True))
-    assert plain.biases is None and plain.format == "cart.cartridge/1"  # the default: no biases
+    plain = compact_ids(model, tok, corpus, CompactConfig(tokens=16, window=window, budget="uniform"),
+                        Console(True))
+    assert plain.biases is None and plain.format == "cart.cartridge/1"  # uniform: no biases
     assert plain.query_position == cart.query_position
+    # the default, a global budget: flat windows join into one flat cartridge of the same memory
+    flat = compact_ids(model, tok, corpus, CompactConfig(tokens=16, window=window), Console(True))
+    assert flat.flat and flat.kv_bytes() == plain.kv_bytes()
+    assert flat.query_position == cart.query_position
 
 
 def test_cart_compact_cli(run_cart, tiny_model, tmp_path):
@@ -267,11 +350,23 @@ def test_cart_compact_cli(run_cart, tiny_model, tmp_path):
     cart = Cartridge.load(out)
     assert cart.num_tokens == 8 and cart.metadata["init"]["kind"] == "attention-match"
     assert cart.metadata["corpus_tokens"] > 8 and cart.query_position > 8
-    assert cart.biases is None and cart.metadata["init"]["biases"] is False
+    # the default: a global budget, a flat cartridge with fitted biases
+    assert cart.flat and cart.format == "cart.cartridge/3"
+    assert cart.metadata["init"]["budget"] == "global" and cart.metadata["init"]["biases"] is True
+    uniform = tmp_path / "uniform.safetensors"
+    proc = run_cart("compact", corpus, "-p", "8", "--budget", "uniform", "-o", uniform,
+                    "--model", tiny_model)
+    assert proc.returncode == 0, proc.stderr.decode()
+    plain = Cartridge.load(uniform)
+    assert plain.biases is None and plain.metadata["init"]["biases"] is False
+    assert plain.kv_bytes() == cart.kv_bytes()  # the same memory, shared out differently
     biased = tmp_path / "biased.safetensors"
-    proc = run_cart("compact", corpus, "-p", "8", "--biases", "-o", biased, "--model", tiny_model)
+    proc = run_cart("compact", corpus, "-p", "8", "--budget", "uniform", "--biases", "-o", biased,
+                    "--model", tiny_model)
     assert proc.returncode == 0, proc.stderr.decode()
     assert Cartridge.load(biased).biases is not None
+    proc = run_cart("compact", corpus, "-p", "8", "--budget", "even", "-o", out, "--model", tiny_model)
+    assert one_line_error(proc) == "cart: error: --budget must be one of uniform, global, got 'even'"
     before = out.read_bytes()
     proc = run_cart("compact", corpus, "-p", "5000", "-o", out, "--model", tiny_model)
     assert one_line_error(proc).endswith("tokens (lower -p)") and out.read_bytes() == before
