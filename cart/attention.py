@@ -11,7 +11,10 @@ Shared KV prefixes (cascade attention): a forward pass may carry ``cart_prefixes
 cartridge and the requests that use it. A row's softmax runs over [prefix scores, own scores]
 together, which is exactly attention over the concatenation. A prefix may carry per-key
 attention biases (``[kv_heads, p]`` per layer, added to the prefix's logits: compacted
-cartridges). Every row is served by one batched set of tensor ops per layer, however many
+cartridges). A flat (ragged) cartridge (``cart.cartridge``: one K/V row ``[1, p, d]`` for every
+KV head, ``[kv_heads, p]`` biases that are -inf off each head's own columns) is read as is: its
+``[1, 1, p, d]`` K/V broadcast over the KV heads in the matmuls, and the biases leave each head
+its own keys. Every row is served by one batched set of tensor ops per layer, however many
 cartridges the batch mixes (no Python loop over cartridges or rows), and no cartridge is ever
 copied per row -- the queries are grouped by cartridge instead:
 
@@ -55,7 +58,8 @@ _compiled_flex = None  # torch.compile(flex_attention), built on first use on CU
 
 class SharedPrefixes:
     """Per forward pass: ``groups`` of (batch rows, per-layer ``[kv_heads, p, head_dim]`` keys
-    and values, per-layer ``[kv_heads, p]`` logit biases or None) -- KV those rows attend to
+    and values (``[1, p, head_dim]``: flat, shared by the heads), per-layer ``[kv_heads, p]``
+    logit biases or None) -- KV those rows attend to
     before their own cache; rows in no group have no prefix. Pass as
     ``model(..., cart_prefixes=...)``. Reuse one object across forward passes while its rows
     do not change: what is built for a layer (the stack of several cartridges) is kept on it.
@@ -94,7 +98,8 @@ class SharedPrefixes:
     def layer(self, layer: int):
         """This layer's prefixes as stored, read in place: (keys, values ``[S, kv_heads, p, d]``,
         biases ``[S, kv_heads, 1, p]`` or None, the ``_Placement`` of rows on slots). S is 1
-        (one cartridge, its own tensors) or the stack's slots."""
+        (one cartridge, its own tensors: ``[1, 1, p, d]`` K/V for a flat one, broadcast over the
+        heads) or the stack's slots."""
         if self._stack is None:
             _, kv, biases = self.groups[0]
             k, v = kv[layer]
@@ -190,13 +195,15 @@ class _PrefixStack:
 def _pad_and_stack(parts):
     """[((k, v) ``[kv_heads, p_s, d]``, bias ``[kv_heads, p_s]`` or None)] -> keys, values
     ``[S, kv_heads, p_max, d]`` and biases ``[S, kv_heads, p_max]`` or None (see _PrefixStack).
-    Runs once per layer per stack, not per step."""
+    A flat cartridge's ``[1, p_s, d]`` K/V are broadcast into every head's slot (its biases keep
+    each head to its own keys). Runs once per layer per stack, not per step."""
     (k0, _), _ = parts[0]
     p_max = max(k.shape[-2] for (k, _), _ in parts)
-    keys = k0.new_zeros(len(parts), k0.shape[0], p_max, k0.shape[-1])
+    heads = max([k.shape[0] for (k, _), _ in parts] + [b.shape[0] for _, b in parts if b is not None])
+    keys = k0.new_zeros(len(parts), heads, p_max, k0.shape[-1])
     values = keys.clone()
     biased = any(b is not None for _, b in parts) or any(k.shape[-2] != p_max for (k, _), _ in parts)
-    bias = k0.new_full((len(parts), k0.shape[0], p_max), float("-inf")) if biased else None
+    bias = k0.new_full((len(parts), heads, p_max), float("-inf")) if biased else None
     for s, ((k, v), b) in enumerate(parts):
         p = k.shape[-2]
         keys[s, :, :p] = k
@@ -387,8 +394,8 @@ def _flex_attention(layer: int, query, key, value, block_mask, scaling, prefixes
         raise ValueError("the FlexAttention path serves one cartridge shared by every row")
     if tuple(block_mask.shape[-2:]) != (t, p + t):
         raise ValueError(f"block mask of {tuple(block_mask.shape)} for {t} queries behind p={p}")
-    keys = torch.cat([pk.expand(b, -1, -1, -1), key], dim=2)
-    values = torch.cat([pv.expand(b, -1, -1, -1), value], dim=2)
+    keys = torch.cat([pk.expand(b, kv_heads, -1, -1), key], dim=2)  # a flat one's [1, 1, p, d] too
+    values = torch.cat([pv.expand(b, kv_heads, -1, -1), value], dim=2)
     score_mod = None
     if bias is not None:
         group = heads // kv_heads

@@ -9,6 +9,15 @@ Tensors (per layer ``i``; shapes ``[kv_heads, tokens, head_dim]``, keys post-RoP
   attention logits of every query (sink first), as attention-matching compaction fits it: key
   ``j`` of head ``h`` weighs ``exp(q.k_j * scale + bias[h, j])``. Files without it are format 1.
 
+The flat (ragged) layout (format 3), for a model with H KV heads, keeps a different number of keys
+per (layer, KV head): per layer ``l``, ``frozen.{l}.*`` is ``[1, H, head_dim]`` (the H sinks, head
+h's in column h), ``trainable.{l}.*`` is ``[1, n_l, head_dim]`` (every head's other kept keys in
+one row, grouped by head; ``n_l`` may differ between layers) and ``bias.{l}`` is ``[H, H + n_l]``
+float32: row h holds head h's biases in its own columns and ``-inf`` in every other column (the
+only place a cartridge may hold an infinity). One K/V row serves every head: a query of KV group
+h scores every column and the ``-inf`` biases leave it only its own keys -- exactly the stored
+keys in memory, at H times the score work on the (small) prefix. See ``flat_layer``.
+
 ``__metadata__`` (strings only; structured values are JSON strings) -- see ``cart-formats(5)``.
 Loading goes through safetensors only: never pickle.
 """
@@ -31,9 +40,11 @@ if TYPE_CHECKING:
     from cart.models import ModelIdentity
 
 FORMAT_NAME = "cart.cartridge"
-FORMAT_MAJOR = 2  # 2: per-key attention biases (written as 1 when a cartridge has none)
+# 3: the flat (ragged) layout; 2: per-key attention biases; 1: neither (each cartridge is written
+# with the lowest that holds it)
+FORMAT_MAJOR = 3
 FORMAT = f"{FORMAT_NAME}/{FORMAT_MAJOR}"
-READABLE_MAJORS = ("1", "2")
+READABLE_MAJORS = ("1", "2", "3")
 
 # Metadata keys written by cart; those in _JSON_KEYS hold JSON, the rest plain strings/ints.
 _REQUIRED_KEYS = ("format", "base_model", "model_config_hash", "tokenizer_hash", "p",
@@ -55,6 +66,33 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _SAFETENSORS_DTYPES = {"F32": 4, "BF16": 2, "F16": 2}
 
 
+def flat_layer(keys, values, biases):
+    """Per KV head h: keys[h], values[h] ``[n_h, d]`` and biases[h] ``[n_h]`` (index 0 of each is
+    that head's sink) -> (keys, values ``[1, H + sum(n_h - 1), d]``, biases ``[H, H + sum(n_h - 1)]``
+    float32): the H sinks first (head order), then each head's other keys in head order;
+    -inf off the own head."""
+    import torch
+
+    heads = len(keys)
+    if not heads or len(values) != heads or len(biases) != heads:
+        raise ValueError(f"flat_layer: {len(keys)} keys, {len(values)} values and {len(biases)} "
+                         "biases: one of each per KV head (at least one head)")
+    for h, (k, v, b) in enumerate(zip(keys, values, biases)):
+        if k.dim() != 2 or tuple(v.shape) != tuple(k.shape) or tuple(b.shape) != (k.shape[0],) or not k.shape[0]:
+            raise ValueError(f"flat_layer: head {h}: keys {tuple(k.shape)}, values {tuple(v.shape)}, "
+                             f"biases {tuple(b.shape)} are not [n, d], [n, d], [n] with n >= 1")
+    flat_k = torch.cat([k[:1] for k in keys] + [k[1:] for k in keys])[None]
+    flat_v = torch.cat([v[:1] for v in values] + [v[1:] for v in values])[None]
+    out = torch.full((heads, flat_k.shape[1]), float("-inf"), dtype=torch.float32,
+                     device=biases[0].device)
+    start = heads
+    for h, b in enumerate(biases):
+        out[h, h] = b[0]
+        out[h, start:start + b.shape[0] - 1] = b[1:]
+        start += b.shape[0] - 1
+    return flat_k, flat_v, out
+
+
 def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: str) -> int:
     """Bytes of KV cache one token takes in a model: layers x (K and V) x heads x dim x size."""
     return num_layers * 2 * kv_heads * head_dim * _DTYPE_BYTES[dtype]
@@ -62,7 +100,12 @@ def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: str
 
 @dataclass
 class Cartridge:
-    """A prefix KV cache: frozen sink token(s) + trainable tokens, per layer, plus metadata."""
+    """A prefix KV cache: frozen sink token(s) + trainable tokens, per layer, plus metadata.
+
+    Rectangular: per layer ``[kv_heads, tokens, head_dim]`` K/V, the same token counts in every
+    layer, optional ``[kv_heads, p]`` biases. Flat (``flat``, see the module doc and
+    ``from_flat_layers``): per layer ``[1, H, head_dim]`` frozen and ``[1, n_l, head_dim]``
+    trainable K/V, ``[H, H + n_l]`` biases (required; ``-inf`` off each head's columns)."""
 
     frozen_keys: list[torch.Tensor]
     frozen_values: list[torch.Tensor]
@@ -82,6 +125,10 @@ class Cartridge:
         ref = self.keys[0]
         if ref.dim() != 3:
             raise ValueError(f"trainable.keys.0: shape {tuple(ref.shape)} is not [kv_heads, p, head_dim]")
+        if self.biases is not None and (len(self.biases) != n or any(b.dim() != 2 for b in self.biases)):
+            raise ValueError(f"{len(self.biases)} bias tensors for {n} layers, of shapes "
+                             f"{[tuple(b.shape) for b in self.biases][:3]}: one [kv_heads, p] per layer")
+        flat = self.flat
         for name, group in (("frozen.keys", self.frozen_keys), ("frozen.values", self.frozen_values),
                             ("trainable.keys", self.keys), ("trainable.values", self.values)):
             for i, t in enumerate(group):
@@ -90,18 +137,43 @@ class Cartridge:
                                      f"[{ref.shape[0]}, *, {ref.shape[2]}]")
                 if t.dtype != ref.dtype:
                     raise ValueError(f"{name}.{i}: dtype {t.dtype} differs from {ref.dtype}")
-        for frozen, trainable, kind in ((self.frozen_keys, self.frozen_values, "frozen"),
-                                        (self.keys, self.values, "trainable")):
-            lengths = {t.shape[1] for t in frozen} | {t.shape[1] for t in trainable}
+        for ks, vs, kind in ((self.frozen_keys, self.frozen_values, "frozen"),
+                             (self.keys, self.values, "trainable")):
+            if flat and kind == "trainable":  # ragged: each layer its own count
+                for i, (k, v) in enumerate(zip(ks, vs)):
+                    if k.shape[1] != v.shape[1]:
+                        raise ValueError(f"trainable.{i}.values: {v.shape[1]} tokens, "
+                                         f"trainable.{i}.keys {k.shape[1]}")
+                continue
+            lengths = {t.shape[1] for t in ks} | {t.shape[1] for t in vs}
             if len(lengths) != 1:
                 raise ValueError(f"{kind} tensors differ in token count: {sorted(lengths)}")
+        if flat and self.frozen_columns != self.kv_heads:
+            raise ValueError(f"frozen.0.keys: shape {tuple(self.frozen_keys[0].shape)} is not "
+                             f"[1, {self.kv_heads}, {self.head_dim}] (a flat cartridge's sinks, one "
+                             f"per row of bias.0)")
         if self.biases is not None:
-            if len(self.biases) != n:
-                raise ValueError(f"{len(self.biases)} bias tensors for {n} layers")
-            want = (self.kv_heads, self.num_tokens)
+            import torch
+
             for i, b in enumerate(self.biases):
+                want = (self.kv_heads, self.frozen_columns + int(self.keys[i].shape[1]))
                 if tuple(b.shape) != want:
                     raise ValueError(f"bias.{i}: shape {tuple(b.shape)} is not {list(want)}")
+                dead = (~torch.isfinite(b).any(dim=1)).nonzero()
+                if len(dead):  # its queries would attend to nothing: softmax of all -inf is NaN
+                    raise ValueError(f"bias.{i}: row {int(dead[0])} has no finite entry (KV head "
+                                     f"{int(dead[0])} would attend to no key)")
+
+    @classmethod
+    def from_flat_layers(cls, layers, metadata: dict[str, Any] | None = None) -> Cartridge:
+        """A flat cartridge from per-layer ``flat_layer`` outputs (keys, values ``[1, H + n_l,
+        d]``, biases ``[H, H + n_l]``): columns ``[:H]`` (the sinks) frozen, the rest trainable."""
+        heads = [int(b.shape[0]) for _, _, b in layers]
+        return cls([k[:, :h] for (k, _, _), h in zip(layers, heads)],
+                   [v[:, :h] for (_, v, _), h in zip(layers, heads)],
+                   [k[:, h:] for (k, _, _), h in zip(layers, heads)],
+                   [v[:, h:] for (_, v, _), h in zip(layers, heads)],
+                   metadata=dict(metadata or {}), biases=[b for _, _, b in layers])
 
     # -- shape -------------------------------------------------------------------------------
     @property
@@ -109,8 +181,19 @@ class Cartridge:
         return len(self.keys)
 
     @property
+    def flat(self) -> bool:
+        """The flat (ragged) layout: one K/V row shared by the H KV heads, whose biases ``[H,
+        columns]`` give each head its own columns (module doc). A one-head flat cartridge with
+        the same count in every layer is the same thing as a rectangular one, and is one."""
+        b = self.biases
+        if b is None or self.keys[0].shape[0] != 1:
+            return False
+        return b[0].shape[0] > 1 or len({int(k.shape[1]) for k in self.keys}) > 1
+
+    @property
     def kv_heads(self) -> int:
-        return int(self.keys[0].shape[0])
+        """The model's KV heads (a flat cartridge's: its biases' rows)."""
+        return int(self.biases[0].shape[0]) if self.flat else int(self.keys[0].shape[0])
 
     @property
     def head_dim(self) -> int:
@@ -118,11 +201,23 @@ class Cartridge:
 
     @property
     def num_frozen(self) -> int:
+        """Frozen (sink) positions per KV head: 1 in a flat cartridge (its H frozen columns are
+        one sink per head; ``frozen_columns``)."""
+        return 1 if self.flat else self.frozen_columns
+
+    @property
+    def frozen_columns(self) -> int:
+        """The frozen tensors' token count: ``num_frozen``, or H in a flat cartridge."""
         return int(self.frozen_keys[0].shape[1])
 
     @property
     def num_tokens(self) -> int:
-        """p: the number of KV positions the cartridge occupies (frozen + trainable)."""
+        """p: the number of KV positions the cartridge occupies per head (frozen + trainable).
+        For a flat cartridge, the average over heads and layers, rounded up: ceil(stored K
+        columns of all layers / (H x layers)) -- ``kv_bytes`` is exact."""
+        if self.flat:
+            columns = sum(int(f.shape[1] + k.shape[1]) for f, k in zip(self.frozen_keys, self.keys))
+            return -(-columns // (self.kv_heads * self.num_layers))
         return self.num_frozen + int(self.keys[0].shape[1])
 
     @property
@@ -135,16 +230,25 @@ class Cartridge:
     def dtype(self) -> str:
         return str(self.keys[0].dtype).removeprefix("torch.")
 
-    def kv_bytes(self) -> int:
-        return self.num_tokens * kv_bytes_per_token(self.num_layers, self.kv_heads, self.head_dim,
-                                                    self.dtype)
+    @property
+    def kv_elements(self) -> int:
+        """The number of stored key and value entries, all layers (biases not counted)."""
+        return sum(t.numel() for group in (self.frozen_keys, self.frozen_values, self.keys,
+                                           self.values) for t in group)
+
+    def kv_bytes(self, dtype: str | None = None) -> int:
+        """Bytes of the stored keys and values (exact, flat or not; biases not counted), in
+        ``dtype`` (a ``_DTYPE_BYTES`` name; default the cartridge's own)."""
+        return self.kv_elements * _DTYPE_BYTES[dtype or self.dtype]
 
     @property
     def format(self) -> str:
-        return FORMAT if self.biases is not None else f"{FORMAT_NAME}/1"
+        major = 3 if self.flat else 2 if self.biases is not None else 1
+        return f"{FORMAT_NAME}/{major}"
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full ``[kv_heads, p, head_dim]`` keys and values of layer ``i`` (sink first)."""
+        """Full ``[kv_heads, p, head_dim]`` keys and values of layer ``i`` (sink first); a
+        flat cartridge's ``[1, H + n_i, head_dim]`` (the H sinks first)."""
         import torch
 
         return (torch.cat([self.frozen_keys[i], self.keys[i]], dim=1),
@@ -261,13 +365,17 @@ class Cartridge:
                            - {f"bias.{i}" for i in range(n)})
             raise CartError(f"{name}: corrupt cartridge file (unexpected tensor {extra[0]}; the "
                             f"metadata says num_layers={n})")
-        if (biases is not None) != (metadata["format"].split("/", 1)[1].split(".")[0] == str(FORMAT_MAJOR)):
+        major = metadata["format"].split("/", 1)[1].split(".")[0]
+        if (biases is not None) != (major in ("2", "3")):
             raise CartError(f"{name}: corrupt cartridge file (format {metadata['format']} "
                             f"{'without' if biases is None else 'with'} attention biases)")
         try:
             cart = cls(*groups, metadata=metadata, biases=biases)
         except ValueError as e:
             raise CartError(f"{name}: corrupt cartridge file ({e})") from None
+        if cart.flat != (major == "3"):
+            raise CartError(f"{name}: corrupt cartridge file (format {metadata['format']} "
+                            f"{'with' if cart.flat else 'without'} the flat layout)")
         shape_keys = ("p", "num_frozen_tokens", "num_layers", "kv_heads", "head_dim", "dtype")
         if (cart.num_tokens, cart.num_frozen, cart.num_layers, cart.kv_heads, cart.head_dim,
                 cart.dtype) != tuple(metadata[k] for k in shape_keys):
@@ -328,7 +436,7 @@ def read_metadata_bytes(data: bytes, name: str) -> dict[str, Any]:
     major = fmt.split("/", 1)[1].split(".", 1)[0]
     if major not in READABLE_MAJORS:
         raise CartError(f"{name}: unsupported cartridge format {fmt} (this cart reads "
-                        f"{FORMAT_NAME}/{' and /'.join(READABLE_MAJORS)})")
+                        f"{FORMAT_NAME}/{', /'.join(READABLE_MAJORS[:-1])} and /{READABLE_MAJORS[-1]})")
     checksum = raw.get(CHECKSUM_KEY)
     if checksum is not None and checksum != data_section_sha256(data):
         raise CartError(f"{name}: corrupt cartridge file (the tensor data does not match the "
@@ -411,11 +519,17 @@ def data_section_sha256(data: bytes) -> str:
 
 
 def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first tensor holding a NaN or an infinity, or None."""
+    """The name of the first tensor holding a NaN or an infinity, or None. ``bias.*`` tensors
+    may hold -inf (a key its head does not attend to: the flat layout), nothing else may."""
     import torch
 
     for key, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not t.is_floating_point():
+            continue
+        ok = torch.isfinite(t)
+        if key.startswith("bias."):
+            ok |= t == float("-inf")
+        if not bool(ok.all()):
             return key
     return None
 

@@ -14,6 +14,11 @@ sees them a little further away). Since positions are baked into the keys and th
 tokens never attend to each other at query time, the order of the parts only decides which
 sink is kept -- ``cart eval`` measures A+B against B+A. Parts must come from the same model and
 tokenizer, with the same dtype and KV shape.
+
+Flat (ragged) cartridges (``cart.cartridge``) compose with flat ones only -- the windows of a long
+corpus compacted one by one: each layer is the per-layer concatenation of the parts' columns,
+biases included, so each head keeps its own keys of every part, and the sink modes apply per
+head (``one``: the first part's H sinks; ``all``: every part's).
 """
 
 from __future__ import annotations
@@ -58,6 +63,10 @@ def compose_parts(parts: Sequence[tuple[str, Cartridge, str]], sinks: str = "one
                     f"{path}: trained for another {what} than {first_path} "
                     f"({cart.metadata.get('base_model')} {cart.metadata.get(key)} vs "
                     f"{first.metadata.get('base_model')} {first.metadata.get(key)})")
+        if cart.flat != first.flat:
+            raise CartError(f"{path}: a {'flat (ragged)' if cart.flat else 'rectangular'} cartridge "
+                            f"cannot be composed with {'flat' if first.flat else 'rectangular'} "
+                            f"{first_path}: compose flat cartridges only with flat ones")
         if cart.dtype != first.dtype:
             raise CartError(f"{path}: dtype {cart.dtype} differs from {first_path}'s {first.dtype}")
         shape, first_shape = ((c.num_layers, c.kv_heads, c.head_dim) for c in (cart, first))
@@ -78,7 +87,7 @@ def compose_parts(parts: Sequence[tuple[str, Cartridge, str]], sinks: str = "one
         ks, vs = zip(*(after_sink(j, c, i) for j, (_, c, _) in enumerate(parts)))
         keys.append(torch.cat(ks, dim=1))
         values.append(torch.cat(vs, dim=1))
-        biases.append(torch.cat([bias(j, c, i) if j == 0 or sinks == "all" else bias(j, c, i)[:, c.num_frozen:]
+        biases.append(torch.cat([bias(j, c, i) if j == 0 or sinks == "all" else bias(j, c, i)[:, c.frozen_columns:]
                                  for j, (_, c, _) in enumerate(parts)], dim=1))
     if all(c.biases is None for _, c, _ in parts):
         biases = None

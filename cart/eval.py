@@ -64,12 +64,15 @@ class Method:
 
     name: str
     kind: str  # no_context | icl | truncated_icl | cartridge
-    kv_tokens: int  # KV positions it holds before the question
+    kv_tokens: int  # KV positions it holds before the question (a flat cartridge's: per head, average)
     source: str | None = None  # cartridge file or corpus files
     system: str | None = None  # ICL: the system message holding the corpus
     kv_prefix: KVPrefix | None = None  # cartridge
     digest: str = ""  # content hash (resume fingerprint)
     info: dict[str, Any] = field(default_factory=dict)
+    # a cartridge's stored K/V entries: its memory is these in the eval dtype, exactly (a flat
+    # cartridge's kv_tokens is an average); None: kv_tokens x the bytes per token
+    kv_elements: int | None = None
 
 
 # -- building the methods ----------------------------------------------------------------------
@@ -110,7 +113,7 @@ def build_methods(engine: Engine, *, no_context: bool, icl: Sequence[str], trunc
         cart = Cartridge.load(path, engine.identity)
         methods.append(Method(name, "cartridge", cart.num_tokens, path,
                               kv_prefix=KVPrefix.of_cartridge(cart, cart.file_sha256),
-                              digest=cart.file_sha256,
+                              digest=cart.file_sha256, kv_elements=cart.kv_elements,
                               info={"p": cart.num_tokens, "corpus_tokens": cart.metadata.get("corpus_tokens"),
                                     "parts": len(cart.metadata.get("parts") or []) or None}))
     if not methods:
@@ -270,7 +273,8 @@ def run_batch(engine: Engine, method: Method, batch: list[dict[str, Any]], b_ind
 
 
 def summarize(method: Method, rows: list[dict[str, Any]], stats: list[dict[str, float]],
-              bytes_per_token: int, icl_tokens: int | None) -> dict[str, Any]:
+              bytes_per_token: int, icl_tokens: int | None, element_bytes: int) -> dict[str, Any]:
+    """``element_bytes``: the size of one K or V entry in the eval dtype."""
     scored = [r for r in rows if r["score"] is not None]
     by_metric: dict[str, list[float]] = {}
     for r in scored:
@@ -279,11 +283,14 @@ def summarize(method: Method, rows: list[dict[str, Any]], stats: list[dict[str, 
     nll = sum(r["answer_nll"] * r["answer_tokens"] for r in rows) / n_tok
     gen_tokens = sum(s["generated_tokens"] for s in stats)
     gen_seconds = sum(s["generation_seconds"] for s in stats)
+    kv_bytes = (method.kv_tokens * bytes_per_token if method.kv_elements is None
+                else method.kv_elements * element_bytes)
     return {
         "method": method.name, "kind": method.kind, "source": method.source,
-        "kv_tokens": method.kv_tokens, "kv_bytes": method.kv_tokens * bytes_per_token,
-        "compression_vs_icl": (round(icl_tokens / method.kv_tokens, 2)
-                               if icl_tokens and method.kv_tokens else None),
+        "kv_tokens": method.kv_tokens, "kv_bytes": kv_bytes,
+        # from the bytes: a flat cartridge's kv_tokens is an average
+        "compression_vs_icl": (round(icl_tokens * bytes_per_token / kv_bytes, 2)
+                               if icl_tokens and kv_bytes else None),
         "questions": len(rows), "scored": len(scored),
         "score": (sum(r["score"] for r in scored) / len(scored)) if scored else None,
         "correct": sum(r["score"] for r in scored),
@@ -343,6 +350,7 @@ def evaluate(questions_path: str, cfg: EvalConfig, model: str | None, *, no_cont
     check_fits(engine, methods, questions, prompts, cfg, questions_path)
     ident = engine.identity
     bytes_per_token = kv_bytes_per_token(ident.num_layers, ident.kv_heads, ident.head_dim, cfg.dtype)
+    element_bytes = bytes_per_token // (2 * ident.num_layers * ident.kv_heads * ident.head_dim)
     icl_tokens = next((m.kv_tokens for m in methods if m.kind == "icl"), None)
 
     run = run_fingerprint(asdict(cfg), ident.model_id, ident.config_hash, sha256_hex(questions_bytes),
@@ -376,7 +384,7 @@ def evaluate(questions_path: str, cfg: EvalConfig, model: str | None, *, no_cont
                 rows.extend(rec["rows"])
                 stats.append(rec["stats"])
                 progress.update(task, advance=len(rec["rows"]), status=m.name)
-            summaries.append(summarize(m, rows, stats, bytes_per_token, icl_tokens))
+            summaries.append(summarize(m, rows, stats, bytes_per_token, icl_tokens, element_bytes))
             all_rows.extend(rows)
     add_gap_closed(summaries)
     if partial is not None:

@@ -1,7 +1,8 @@
 """``cart info``: what a cartridge file holds, how big it is, and what it saves.
 
 The compression ratio compares the cartridge's KV cache with the KV cache the whole corpus
-would occupy in context for the same model and dtype (``corpus_tokens`` x bytes per token).
+would occupy in context for the same model and dtype (``corpus_tokens`` x bytes per token),
+byte for byte: a flat (ragged) cartridge's memory is exactly the keys and values it keeps.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def cartridge_info(path: str | os.PathLike, model: str | None = None) -> dict[st
     corpus_tokens = md.get("corpus_tokens")
     if corpus_tokens:
         info["corpus_kv_bytes"] = corpus_tokens * per_token
-        info["compression_ratio"] = round(corpus_tokens / cart.num_tokens, 2)
+        # from the bytes: a flat cartridge's num_tokens is an average
+        info["compression_ratio"] = round(info["corpus_kv_bytes"] / info["kv_bytes"], 2)
     if expect is not None:
         info["compatible_with"] = expect.model_id
     if (md.get("init") or {}).get("kind") == "peft":  # what PEFT does not record stays unknown

@@ -29,11 +29,14 @@ def next_token_logprobs(model, ids: list[int]):
 
 def assert_batched_equals_alone(engine, requests, seed: int = 0):
     """``engine.generate`` of ``requests`` together gives each the tokens and top-k log-probs
-    (ids exact, values within 1e-5) of the request run alone."""
+    (the same ids, each id's value within 1e-5) of the request run alone. Ids are compared as
+    sets: the order of near-ties (1e-7 apart on a random tiny model) may differ."""
     batched = engine.generate(requests, seed=seed)
     for req, got in zip(requests, batched):
         (alone,) = engine.generate([req], seed=seed)
         assert got.token_ids == alone.token_ids
         for a, b in zip(got.topk, alone.topk):
-            assert a.ids == b.ids
-            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+            assert sorted(a.ids) == sorted(b.ids)
+            by_id = dict(zip(b.ids, b.logprobs))
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor([by_id[i] for i in a.ids]),
+                                       atol=1e-5, rtol=0)

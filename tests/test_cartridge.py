@@ -133,7 +133,7 @@ def _rewrite_header(path, mutate):
     ("empty", "not a cartridge file (empty or truncated)"),
     ("garbage", "not a cartridge file (truncated or not safetensors)"),
     ("header", "not a cartridge file (corrupt safetensors header)"),
-    ("format", "unsupported cartridge format cart.cartridge/3 (this cart reads cart.cartridge/1 and /2)"),
+    ("format", "unsupported cartridge format cart.cartridge/4 (this cart reads cart.cartridge/1, /2 and /3)"),
     ("not_cart", "not a cart cartridge (metadata format is 'missing')"),
     ("missing_tensor", "corrupt cartridge file (missing tensor trainable.1.values)"),
     ("missing_key", "not a cart cartridge (metadata lacks 'tokenizer_hash')"),
@@ -151,7 +151,7 @@ def test_damaged_files_are_refused_in_one_line(run_cart, cart_file, damage, expe
     elif damage == "header":
         cart_file.write_bytes(struct.pack("<Q", 10) + b"{not json!" + data[18:])
     elif damage == "format":
-        _rewrite_header(cart_file, lambda h: h["__metadata__"].update(format="cart.cartridge/3"))
+        _rewrite_header(cart_file, lambda h: h["__metadata__"].update(format="cart.cartridge/4"))
     elif damage == "not_cart":
         _rewrite_header(cart_file, lambda h: h["__metadata__"].pop("format"))
     elif damage == "missing_key":

@@ -31,7 +31,9 @@ class Generation:
 class KVPrefix:
     """KV every token of a request attends to before its prompt: per layer ``[kv_heads, n,
     head_dim]`` keys (post-RoPE at positions 0..n-1) and values -- a cartridge, composed or
-    not. ``key`` names its content (engines may cache per prefix under it)."""
+    not; a flat (ragged) cartridge's are ``[1, n, head_dim]``, shared by the KV heads, with
+    ``[kv_heads, n]`` biases that keep each head to its own columns (``num_tokens`` is then its
+    average per head). ``key`` names its content (engines may cache per prefix under it)."""
 
     key: str
     kv: list[tuple[Any, Any]]

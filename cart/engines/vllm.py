@@ -34,8 +34,8 @@ VLLM_VERSION = "0.32.0"  # the connector API is experimental: cart[vllm] pins th
 
 
 # vLLM's attention kernels take no per-key logit bias: refuse rather than ignore it
-BIAS_REFUSED = ("the vLLM engine cannot apply a cartridge's per-key attention biases (format "
-                "cart.cartridge/2, made by compaction): use --engine transformers")
+BIAS_REFUSED = ("the vLLM engine cannot apply a cartridge's per-key attention biases (formats "
+                "cart.cartridge/2 and /3, made by compaction): use --engine transformers")
 
 
 def _defaults_for_cpu() -> None:
