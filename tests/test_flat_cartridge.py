@@ -188,6 +188,10 @@ def test_formats_1_and_2_still_load(engine, tmp_path):
         assert read_metadata(tmp_path / "r.safetensors")["format"] == fmt
         back = Cartridge.load(tmp_path / "r.safetensors", engine.identity)
         assert not back.flat and back.kv_bytes() == rect.kv_bytes() == P * 2 * 2 * 2 * 16 * 4
+    masked = padded(rectangular(engine), RAGGED)  # -inf biases: allowed in format 2 too
+    masked.save(tmp_path / "m.safetensors")
+    back = Cartridge.load(tmp_path / "m.safetensors")
+    assert back.format == "cart.cartridge/2" and all(map(torch.equal, back.biases, masked.biases))
 
 
 def _write(path, cart, change=None, **md):
@@ -211,7 +215,7 @@ def _set(name, index, value):
     (_set("trainable.0.keys", (0, 1, 2), float("-inf")), {},
      "tensor trainable.0.keys holds NaN or infinite values"),
     (_set("bias.1", (0,), float("-inf")), {},
-     "bias.1: row 0 has no finite entry (KV head 0 would attend to no key)"),
+     "bias.1: row 0 is all -inf (KV head 0 would attend to no key)"),
     (lambda t: t.update({"bias.0": t["bias.0"][:, :-1].clone()}), {}, "bias.0: shape (2, 6) is not [2, 7]"),
     (lambda t: t.update({"frozen.1.keys": t["frozen.1.keys"][:, :1].clone(),
                          "frozen.1.values": t["frozen.1.values"][:, :1].clone()}), {},
