@@ -18,7 +18,7 @@ from cart.kvcache import cartridge_from_tokens
 TEXT = "Meridian Falls has four bridges and a tram line. Captain Ilsa Voss founded the cooperative."
 P = 12
 # per layer, per KV head (the tiny model: 2 layers, 2 KV heads): the positions kept, sink first
-RAGGED = [[[0, 2, 3, 5, 9], [0, 1]], [[0], [0, 1, 2, 3, 4, 6, 7, 11]]]
+RAGGED = [[[0, 2, 3, 5, 9, 10], [0, 1]], [[0], [0, 1, 2, 3, 4, 6, 7, 11]]]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_a_flat_cartridge_equals_its_rectangular_self(engine):
 def test_a_ragged_flat_cartridge_equals_the_rectangular_one_masked(engine):
     rect = rectangular(engine)
     flat, masked = flattened(rect, RAGGED), padded(rect, RAGGED)
-    columns = [sum(len(ix) for ix in layer) for layer in RAGGED]  # 7 and 9
+    columns = [sum(len(ix) for ix in layer) for layer in RAGGED]  # 8 and 9
     assert [flat.frozen_columns + k.shape[1] for k in flat.keys] == columns
     assert flat.num_tokens == -(-sum(columns) // 4)  # H x layers
     assert flat.kv_bytes() == sum(columns) * 2 * 16 * 4
@@ -216,11 +216,11 @@ def _set(name, index, value):
      "tensor trainable.0.keys holds NaN or infinite values"),
     (_set("bias.1", (0,), float("-inf")), {},
      "bias.1: row 0 is all -inf (KV head 0 would attend to no key)"),
-    (lambda t: t.update({"bias.0": t["bias.0"][:, :-1].clone()}), {}, "bias.0: shape (2, 6) is not [2, 7]"),
+    (lambda t: t.update({"bias.0": t["bias.0"][:, :-1].clone()}), {}, "bias.0: shape (2, 7) is not [2, 8]"),
     (lambda t: t.update({"frozen.1.keys": t["frozen.1.keys"][:, :1].clone(),
                          "frozen.1.values": t["frozen.1.values"][:, :1].clone()}), {},
      "frozen tensors differ in token count: [1, 2]"),
-    (None, {"p": 3}, "tensors do not match the metadata: p=4, frozen=1, layers=2, kv_heads=2, "
+    (None, {"p": 3}, "tensors do not match the metadata: p=5, frozen=1, layers=2, kv_heads=2, "
                      "head_dim=16, dtype=float32"),
     (None, {"format": "cart.cartridge/2"}, "format cart.cartridge/2 with the flat layout"),
 ])
@@ -304,3 +304,19 @@ def test_vllm_peft_and_distill_refuse_a_flat_cartridge_in_one_line(engine, tmp_p
         initial_cartridge(cfg, None, engine.model, engine.tokenizer, engine.identity, Console(quiet=True))
     assert str(e.value) == (f"{path}: a flat (ragged) cartridge cannot be trained yet: give --init a "
                             "rectangular cartridge")
+
+
+def test_eval_reports_a_flat_cartridges_memory_exactly(engine, tmp_path):
+    from cart.eval import build_methods, summarize
+
+    flat = flattened(rectangular(engine), RAGGED)
+    flat.save(tmp_path / "flat.safetensors")
+    (method,) = build_methods(engine, no_context=False, icl=[], truncate=[],
+                              cartridges=[str(tmp_path / "flat.safetensors")])
+    rows = [{"score": 1.0, "metric": "exact", "answer_tokens": 2, "answer_nll": 0.5}]
+    stats = [{"generated_tokens": 2, "generation_seconds": 1.0, "seconds": 1.0}]
+    per_token = 2 * 2 * 2 * 16 * 2  # layers x K,V x kv heads x head dim x bfloat16
+    got = summarize(method, rows, stats, per_token, 100, 2)
+    assert method.kv_tokens == flat.num_tokens == 5  # ceil(17 columns / (2 heads x 2 layers))
+    assert got["kv_bytes"] == flat.kv_bytes("bfloat16") == 17 * 2 * 16 * 2  # not 5 x 2 x 2 columns
+    assert got["compression_vs_icl"] == round(100 * per_token / got["kv_bytes"], 2)
