@@ -290,14 +290,11 @@ class _LayerFitter:
                              metadata=metadata, biases=biases)
         from cart.cartridge import flat_layer
 
-        flat = [flat_layer([hk for hk, _, _ in heads], [hv for _, hv, _ in heads],
-                           [hb if self.cfg.bias else hb * 0 for _, _, hb in heads]) for heads in self.heads]
-        sinks = len(self.heads[0])
-        return Cartridge(frozen_keys=[k[:, :sinks].to(dtype).contiguous() for k, _, _ in flat],
-                         frozen_values=[v[:, :sinks].to(dtype).contiguous() for _, v, _ in flat],
-                         keys=[k[:, sinks:].to(dtype).contiguous() for k, _, _ in flat],
-                         values=[v[:, sinks:].to(dtype).contiguous() for _, v, _ in flat],
-                         metadata=metadata, biases=[b.float().cpu() for _, _, b in flat])
+        return Cartridge.from_flat_layers(
+            [(k.to(dtype).contiguous(), v.to(dtype).contiguous(), b.float().cpu()) for k, v, b in
+             (flat_layer([hk for hk, _, _ in heads], [hv for _, hv, _ in heads],
+                         [hb if self.cfg.bias else hb * 0 for _, _, hb in heads])
+              for heads in self.heads)], metadata)
 
 
 def fit_head_group(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, scale: float,
