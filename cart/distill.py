@@ -395,9 +395,6 @@ def initial_cartridge(cfg: DistillConfig, data: ConvoSet, model: Any, tokenizer:
     p, frozen = cfg.tokens, cfg.frozen_tokens
     if init_is_cartridge(cfg.init):
         loaded = Cartridge.load(cfg.init, identity)
-        if loaded.flat:  # training keeps [kv_heads, p, d] tensors per layer (cart.trainable)
-            raise CartError(f"{cfg.init}: a flat (ragged) cartridge cannot be trained yet: give "
-                            "--init a rectangular cartridge")
         if loaded.num_tokens != p or loaded.num_frozen != frozen:
             raise CartError(f"{cfg.init}: has p={loaded.num_tokens} ({loaded.num_frozen} frozen), "
                             f"but -p/--tokens is {p} with {frozen} frozen (give -p {loaded.num_tokens})")

@@ -39,8 +39,9 @@ class TrainableCartridge(nn.Module):
 
         model.set_attn_implementation(register())  # the cartridge is cart_gqa's shared prefix
         self.objective = objective
-        # "flex" or "dense" forces an attention path; None: training_attention(the batch's device)
-        self.attention: str | None = None
+        # "flex" or "dense" forces an attention path; None: training_attention(the batch's device).
+        # A flat cartridge's layers differ in length, and one BlockMask serves every layer: dense
+        self.attention: str | None = "dense" if cart.flat else None
         self.compute_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         self.loss_chunk = max(1, LOSS_CHUNK_BYTES // (4 * int(model.config.vocab_size)))  # targets
         if self.compute_dtype == torch.bfloat16 and next(model.parameters()).device.type == "cuda":

@@ -40,3 +40,38 @@ def assert_batched_equals_alone(engine, requests, seed: int = 0):
             by_id = dict(zip(b.ids, b.logprobs))
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor([by_id[i] for i in a.ids]),
                                        atol=1e-5, rtol=0)
+
+
+# per layer, per KV head (the tiny model: 2 layers, 2 KV heads): the positions a ragged flat
+# cartridge keeps of a 12-position rectangular one, sink first
+RAGGED = [[[0, 2, 3, 5, 9, 10], [0, 1]], [[0], [0, 1, 2, 3, 4, 6, 7, 11]]]
+
+
+def flattened(rect, keep=None):
+    """``rect``'s keys rearranged flat: per layer and head the positions ``keep[l][h]`` (sink
+    first; default all), queries where ``rect``'s are."""
+    from cart.cartridge import Cartridge, flat_layer
+
+    layers = []
+    for i in range(rect.num_layers):
+        k, v = rect.layer(i)
+        rows = keep[i] if keep else [list(range(rect.num_tokens))] * rect.kv_heads
+        layers.append(flat_layer([k[h, ix] for h, ix in enumerate(rows)],
+                                 [v[h, ix] for h, ix in enumerate(rows)],
+                                 [rect.biases[i][h, ix] for h, ix in enumerate(rows)]))
+    return Cartridge.from_flat_layers(layers, {**rect.metadata, "query_position": rect.query_position})
+
+
+def padded(rect, keep):
+    """``rect`` with -inf biases on every position ``keep`` drops: the rectangular equivalent of
+    ``flattened(rect, keep)``."""
+    from cart.cartridge import Cartridge
+
+    biases = []
+    for i, b in enumerate(rect.biases):
+        b = torch.full_like(b, float("-inf"))
+        for h, ix in enumerate(keep[i]):
+            b[h, ix] = rect.biases[i][h, ix]
+        biases.append(b)
+    return Cartridge(rect.frozen_keys, rect.frozen_values, rect.keys, rect.values,
+                     metadata=dict(rect.metadata), biases=biases)

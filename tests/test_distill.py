@@ -385,6 +385,48 @@ def test_cli_init_variants(tmp_path, tiny, convos, run_cart):
     assert torch.equal(c.frozen_keys[0], load(out["random-tokens"]).frozen_keys[0])
 
 
+def test_a_flat_cartridge_trains_as_its_padded_rectangular_twin(tmp_path, tiny, convos, run_cart):
+    """``--init`` a flat (ragged) cartridge: trained in place (the dense attention path), its
+    kept keys and values move exactly as the same keys do in the rectangular cartridge that
+    holds them among -inf-biased padding; sinks and biases stay as they were."""
+    from reference import RAGGED, flattened, padded
+
+    from cart.cartridge import Cartridge
+    from cart.kvcache import cartridge_from_tokens
+    from cart.models import load_model, resolve_model
+
+    model_dir, tok, identity, head = tiny
+    md = {"base_model": identity.model_id, "model_config_hash": identity.config_hash,
+          "tokenizer_hash": identity.tokenizer_hash}
+    base = cartridge_from_tokens(load_model(resolve_model(str(model_dir))), torch.tensor(head[:12]))
+    gen = torch.Generator().manual_seed(0)
+    biases = [torch.randn(base.kv_heads, 12, generator=gen) * 0.5 for _ in range(base.num_layers)]
+    for b in biases:
+        b[:, 0] = 0
+    rect = Cartridge(base.frozen_keys, base.frozen_values, base.keys, base.values, md, biases)
+    trained = {}
+    for name, cart in (("flat", flattened(rect, RAGGED)), ("padded", padded(rect, RAGGED))):
+        cart.save(tmp_path / f"{name}.safetensors")
+        proc = run_cart("distill", convos, "-m", model_dir, "--steps", 2, "--init",
+                        tmp_path / f"{name}.safetensors", "-o", tmp_path / f"{name}-out.safetensors")
+        assert proc.returncode == 0, proc.stderr.decode()
+        trained[name] = load(tmp_path / f"{name}-out.safetensors")
+        start = load(tmp_path / f"{name}.safetensors")
+        assert trained[name].format == start.format and all(
+            torch.equal(a, b) for a, b in zip(trained[name].biases, start.biases))
+        assert all(torch.equal(a, b) for a, b in zip(trained[name].frozen_keys, start.frozen_keys))
+    flat, pad = trained["flat"], trained["padded"]
+    assert flat.flat and not torch.equal(flat.keys[1], flattened(rect, RAGGED).keys[1])
+    for layer, heads in enumerate(RAGGED):
+        column = 0
+        for h, kept in enumerate(heads):
+            rows = [j - 1 for j in kept[1:]]  # trainable positions (the sink is frozen)
+            for got, want in ((flat.keys, pad.keys), (flat.values, pad.values)):
+                torch.testing.assert_close(got[layer][0, column:column + len(rows)],
+                                           want[layer][h, rows], atol=1e-5, rtol=1e-4)
+            column += len(rows)
+
+
 def test_bfloat16_autocast_trains_a_float32_cartridge(tmp_path, tiny, convos, run_cart):
     out = tmp_path / "bf16.safetensors"
     proc = run_cart("distill", convos, "-m", tiny[0], "-p", 6, "--steps", 2, "--dtype", "bfloat16",

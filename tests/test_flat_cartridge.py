@@ -5,7 +5,7 @@ refused in one line where they cannot be used."""
 
 import pytest
 import torch
-from reference import assert_batched_equals_alone
+from reference import RAGGED, assert_batched_equals_alone, flattened, padded
 from safetensors.torch import save
 
 from cart.cartridge import Cartridge, encode_metadata, flat_layer, read_metadata
@@ -17,8 +17,6 @@ from cart.kvcache import cartridge_from_tokens
 
 TEXT = "Meridian Falls has four bridges and a tram line. Captain Ilsa Voss founded the cooperative."
 P = 12
-# per layer, per KV head (the tiny model: 2 layers, 2 KV heads): the positions kept, sink first
-RAGGED = [[[0, 2, 3, 5, 9, 10], [0, 1]], [[0], [0, 1, 2, 3, 4, 6, 7, 11]]]
 
 
 @pytest.fixture(scope="module")
@@ -44,32 +42,6 @@ def rectangular(engine, text=TEXT, p=P, biased=True, seed=0):
             b[:, 0] = 0
     return Cartridge(cart.frozen_keys, cart.frozen_values, cart.keys, cart.values,
                      metadata=metadata(engine), biases=biases)
-
-
-def flattened(rect, keep=None):
-    """``rect``'s keys rearranged flat: per layer and head the positions ``keep[l][h]`` (sink
-    first; default all), queries where ``rect``'s are."""
-    layers = []
-    for i in range(rect.num_layers):
-        k, v = rect.layer(i)
-        rows = keep[i] if keep else [list(range(rect.num_tokens))] * rect.kv_heads
-        layers.append(flat_layer([k[h, ix] for h, ix in enumerate(rows)],
-                                 [v[h, ix] for h, ix in enumerate(rows)],
-                                 [rect.biases[i][h, ix] for h, ix in enumerate(rows)]))
-    return Cartridge.from_flat_layers(layers, {**rect.metadata, "query_position": rect.query_position})
-
-
-def padded(rect, keep):
-    """``rect`` with -inf biases on every position ``keep`` drops: the rectangular equivalent of
-    ``flattened(rect, keep)``."""
-    biases = []
-    for i, b in enumerate(rect.biases):
-        b = torch.full_like(b, float("-inf"))
-        for h, ix in enumerate(keep[i]):
-            b[h, ix] = rect.biases[i][h, ix]
-        biases.append(b)
-    return Cartridge(rect.frozen_keys, rect.frozen_values, rect.keys, rect.values,
-                     metadata=dict(rect.metadata), biases=biases)
 
 
 def prefix(cart, name):
@@ -280,10 +252,8 @@ def test_flat_and_rectangular_do_not_compose(engine):
                             "rectangular a.safetensors: compose flat cartridges only with flat ones")
 
 
-def test_vllm_peft_and_distill_refuse_a_flat_cartridge_in_one_line(engine, tmp_path):
-    from cart.distill import DistillConfig, initial_cartridge
+def test_vllm_and_peft_refuse_a_flat_cartridge_in_one_line(engine):
     from cart.engines.vllm import BIAS_REFUSED, VLLMEngine
-    from cart.io import Console
     from cart.peft_adapter import check_exportable
 
     flat = flattened(rectangular(engine), RAGGED)
@@ -297,13 +267,6 @@ def test_vllm_peft_and_distill_refuse_a_flat_cartridge_in_one_line(engine, tmp_p
         check_exportable(flat, "f")
     assert str(e.value) == ("f: carries per-key attention biases (cart.cartridge/3), which a PEFT "
                             "cartridge cannot hold: not converted")
-    path = tmp_path / "flat.safetensors"
-    flat.save(path)
-    cfg = DistillConfig(tokens=flat.num_tokens, init=str(path))
-    with pytest.raises(CartError) as e:
-        initial_cartridge(cfg, None, engine.model, engine.tokenizer, engine.identity, Console(quiet=True))
-    assert str(e.value) == (f"{path}: a flat (ragged) cartridge cannot be trained yet: give --init a "
-                            "rectangular cartridge")
 
 
 def test_eval_reports_a_flat_cartridges_memory_exactly(engine, tmp_path):
