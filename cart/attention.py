@@ -37,7 +37,9 @@ copied per row -- the queries are grouped by cartridge instead:
   by ``masked_fill`` rather than added masks, so a NaN cartridge cannot reach them (NaN + -inf
   and 0 * NaN are NaN). Padding keys are zeros with a -inf bias: exactly no probability.
 
-Compaction (``cart.compaction``) passes ``cart_compaction`` instead: an object whose
+Compaction with a global budget passes ``cart_observer``, called with each layer's
+``(layer, query, key, value, scaling)`` before the attention runs as usual. Compaction with a
+uniform one (``cart.compaction``) passes ``cart_compaction`` instead: an object whose
 ``fit(layer, query, scaling)`` builds that layer's prefix from the queries now reaching it and
 returns the ``SharedPrefixes`` to attend to -- so each layer is fitted to queries that already
 went through the compacted earlier layers.
@@ -214,10 +216,13 @@ def _pad_and_stack(parts):
 
 
 def gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                  is_causal=None, cart_prefixes=None, cart_compaction=None, **kwargs):
+                  is_causal=None, cart_prefixes=None, cart_compaction=None, cart_observer=None,
+                  **kwargs):
     import torch
     import torch.nn.functional as F
 
+    if cart_observer is not None:  # sees this layer's query, key and value; changes nothing
+        cart_observer(module.layer_idx, query, key, value, scaling)
     if cart_compaction is not None:
         cart_prefixes = cart_compaction.fit(module.layer_idx, query, scaling)
     if cart_prefixes is not None and cart_prefixes.groups:
