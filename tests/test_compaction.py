@@ -143,6 +143,9 @@ def test_global_budget_reproduces_attention_on_held_out_queries(tiny):
     errors = global_errors(model, tok, prefix, train, ids_of(tok, 60, 3)[1:], "global")
     assert errors[48] < 1e-3, errors
     assert errors[4] > errors[12] > errors[24] > errors[48], errors
+    # one reference sequence: the corpus and it in one plain causal pass (no mask)
+    errors = global_errors(model, tok, prefix, train[:1], ids_of(tok, 60, 3)[1:], "global")
+    assert errors[48] < 1e-3 and errors[4] > errors[48], errors
 
 
 def test_global_budget_is_a_flat_cartridge_of_the_uniform_memory(tiny):
