@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Cartridge quality, side by side: per corpus, no context, ICL, ICL truncated to the cartridge's
-memory, attention-matching compaction alone, and self-study from the corpus's first tokens and
-from compaction -- with the score, the answer NLL per token, the fraction of the no-context ->
-ICL NLL gap closed, KV bytes and compression against ICL, wall time per stage, and the
-break-even number of queries (time to build the cartridge / time it saves per query against
-ICL, both measured in this run).
+memory, attention-matching compaction alone (its default global budget, and a uniform one), and
+self-study from the corpus's first tokens and from compaction -- with the score, the answer
+NLL per token, the fraction of the no-context -> ICL NLL gap closed, KV bytes and compression
+against ICL, wall time per stage, and the break-even number of queries (time to build the
+cartridge / time it saves per query against ICL, both measured in this run).
 
 Every stage runs through the real ``cart`` command line, as a user runs it, on this machine,
 with the embedded SmolLM2 unless --model is given. Run it alone: competing CPU load skews the
@@ -75,17 +75,20 @@ def bench_corpus(name: str, args, out: Path, log: Path) -> list[dict]:
     model = ["--model", args.model] if args.model else []
     p = str(args.tokens)
     times = {}
-    am, ss_first, ss_am = (work / f"{k}.safetensors" for k in ("am", "ss-first", "ss-am"))
+    am, am_uniform, ss_first, ss_am = (work / f"{k}.safetensors"
+                                       for k in ("am", "am-uniform", "ss-first", "ss-am"))
     convos = work / "convos.jsonl"
     times["compact"] = run(["compact", str(corpus), "-p", p, "-o", str(am), *model], log)
+    times["compact uniform"] = run(["compact", str(corpus), "-p", p, "--budget", "uniform",
+                                    "-o", str(am_uniform), *model], log)
     count = ["-n", str(args.convos)] if args.convos else []
     synth = ["synth", str(corpus), *count, "-o", str(convos), *model, *args.synth]
     times["synth"] = run(synth, log) if not convos.exists() else float("nan")
     distill = ["distill", str(convos), "-p", p, *model, *args.distill]
-    carts = [am, ss_am]
+    carts = [am_uniform, am, ss_am]
     if not args.skip_first_tokens:
         times["distill first"] = run([*distill, "--init", "corpus", "-o", str(ss_first)], log)
-        carts.insert(1, ss_first)
+        carts.insert(2, ss_first)
     times["distill am"] = run([*distill, "--init", "attention-match", "-o", str(ss_am)], log)
     icl = head_file(corpus, work, FITS) if name == "long" else corpus
     summary = work / "summary.json"
@@ -94,7 +97,8 @@ def bench_corpus(name: str, args, out: Path, log: Path) -> list[dict]:
                          "--max-new-tokens", str(args.max_new_tokens), "--summary", str(summary),
                          "-o", str(work / "results.jsonl"), *model], log)
     rows = json.loads(summary.read_text())["methods"]
-    build = {"am": times["compact"], "ss-first": times["synth"] + times.get("distill first", 0),
+    build = {"am": times["compact"], "am-uniform": times["compact uniform"],
+             "ss-first": times["synth"] + times.get("distill first", 0),
              "ss-am": times["synth"] + times["distill am"]}  # distill compacts for itself
     return describe(name, rows, build)
 
@@ -105,7 +109,8 @@ def describe(name: str, rows: list[dict], build: dict[str, float]) -> list[dict]
     out = []
     for r in rows:
         stem = Path(r["source"] or "").name.removesuffix(".safetensors")
-        label = {"am": "compaction", "ss-first": "self-study (first-tokens init)",
+        label = {"am": "compaction", "am-uniform": "compaction, uniform budget",
+                 "ss-first": "self-study (first-tokens init)",
                  "ss-am": "self-study (compaction init)"}.get(stem, r["method"])
         saved = per_query_icl - r["seconds"] / r["questions"]
         cost = build.get(stem)

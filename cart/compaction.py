@@ -25,11 +25,11 @@ corpus positions, so the queries after the cartridge start at ``T`` (``query_pos
 
 Budgets (``budget``): *uniform* keeps p - 1 keys in every layer and KV head (a rectangular
 cartridge); *global* keeps the same total, ``layers x kv_heads x (p - 1)`` keys, but spends it
-where attention needs it: a first pass runs the reference queries behind the whole corpus and
-scores every (layer, head, key) by its highest attention weight, the top scores over the whole
-model decide how many keys each head keeps (``allocate``), and each head is fitted with its own
-count to the queries of that same pass. So a global budget is fitted off policy, in one forward
-pass over the corpus and its queries together (a plain causal pass), not layer by layer: on
+where attention needs it: one forward pass reads the corpus and then its reference queries in
+one row (a plain causal pass), every (layer, head, key) is scored by its highest attention
+weight from a reference query, the top scores over the whole model decide how many keys each
+head keeps (``allocate``), and each head is fitted with its own count to the queries of that
+same pass. So a global budget is fitted off policy, not layer by layer: on
 ``examples/orbital`` (p=128) that closed 72% of the no-context -> ICL answer-NLL gap against
 66% on policy, in half the time. Heads differ a lot: on SmolLM2 a few copy-heavy layers want
 thousands of keys, most a dozen. The result is a flat cartridge (``cart.cartridge.flat_layer``): the
@@ -128,7 +128,7 @@ def compact(model: Any, prefix_ids: Sequence[int], queries: Sequence[Sequence[in
         counts = allocate(torch.stack(observer.scores), len(kv) * kv[0][0].shape[0] * (cfg.tokens - 1))
         fitter = _LayerFitter(kv, cfg, counts)
         for layer, (q, scale) in enumerate(observer.queries):
-            fitter.fit_layer(layer, q, scale, q.dtype)
+            fitter.fit_layer(layer, q, scale)
     else:
         kv = prefix_kv(model, torch.tensor(list(prefix_ids), device=next(model.parameters()).device))
         fitter = _LayerFitter(kv, cfg)
@@ -243,25 +243,31 @@ class _LayerFitter:
         self.kv, self.cfg, self.counts = kv, cfg, counts
         # per layer, per KV head: (keys [n + 1, d], values [n + 1, d], biases [n + 1]), sink first
         self.heads: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
-        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # as attended: see _attended
-        self.biases: list[torch.Tensor] = []
+        # on policy (``fit``): the fitted layers as the rest of the pass attends to them
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # [kv_heads, p, d]
+        self.biases: list[torch.Tensor] = []  # [kv_heads, p]
 
     def fit(self, layer: int, query: torch.Tensor, scaling: float | None):
         """``query``: ``[B, heads, L, d]`` post-RoPE; returns ``SharedPrefixes`` over every row."""
         from cart.attention import SharedPrefixes
 
+        import torch
+
         keys, _ = self.kv[layer]
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        bias = self.fit_layer(layer, reference_queries(query, keys.shape[0], self.cfg), scale,
-                              query.dtype)
+        self.fit_layer(layer, reference_queries(query, keys.shape[0], self.cfg), scale)
         if not self.cfg.on_policy:  # later layers see what the whole prefix gives
             return SharedPrefixes([(list(range(query.shape[0])), self.kv, None)], query.shape[0])
-        biases = None if bias is None else self.biases  # every layer has them, or none
-        return SharedPrefixes([(list(range(query.shape[0])), self.layers, biases)], query.shape[0])
+        heads = self.heads[-1]  # the rest of the pass attends to the fitted layer, as it is
+        self.layers.append((torch.stack([k for k, _, _ in heads]).to(query.dtype),
+                            torch.stack([v for _, v, _ in heads]).to(query.dtype)))
+        if self.cfg.bias:
+            self.biases.append(torch.stack([b for _, _, b in heads]))
+        return SharedPrefixes([(list(range(query.shape[0])), self.layers,
+                                self.biases if self.cfg.bias else None)], query.shape[0])
 
-    def fit_layer(self, layer: int, q: torch.Tensor, scale: float, dtype):
-        """Fit layer ``layer`` to the reference queries ``q`` ``[kv_heads, N, d]``; keep it as
-        attended in ``dtype``; returns its biases as attended (None: none)."""
+    def fit_layer(self, layer: int, q: torch.Tensor, scale: float) -> None:
+        """Fit layer ``layer`` to the reference queries ``q`` ``[kv_heads, N, d]`` (``heads``)."""
         if layer != len(self.heads):
             raise RuntimeError(f"layers reached out of order: {layer} after {len(self.heads) - 1}")
         keys, values = self.kv[layer]
@@ -271,10 +277,6 @@ class _LayerFitter:
         else:
             self.heads.append([self._fit_head(keys[h:h + 1], values[h:h + 1], q[h:h + 1], scale,
                                               int(self.counts[layer, h])) for h in range(keys.shape[0])])
-        k, v, bias = self._attended(self.heads[-1], dtype)
-        self.layers.append((k, v))
-        self.biases.append(bias)
-        return bias
 
     def _fit_head(self, keys, values, q, scale: float, kept: int):
         """One KV head keeping ``kept`` keys besides its sink (``[1, T, d]`` K/V, ``[1, N, d]``
@@ -285,23 +287,6 @@ class _LayerFitter:
             return keys[0, :1].float(), values[0, :1].float(), torch.zeros(1, device=keys.device)
         k, v, bias = fit_head_group(keys, values, q, scale, replace(self.cfg, tokens=kept + 1))
         return k[0], v[0], bias[0]
-
-    def _attended(self, heads, dtype):
-        """The layer as the rest of the pass attends to it: ``[kv_heads, n_max + 1, d]`` K/V,
-        heads with fewer keys padded with zeros under -inf biases, and biases ``[kv_heads,
-        n_max + 1]`` (None: no biases and no padding)."""
-        import torch
-
-        width = max(k.shape[0] for k, _, _ in heads)
-        if self.counts is None:
-            bias = torch.stack([b for _, _, b in heads]) if self.cfg.bias else None
-            return (torch.stack([k for k, _, _ in heads]).to(dtype),
-                    torch.stack([v for _, v, _ in heads]).to(dtype), bias)
-        k = heads[0][0].new_zeros(len(heads), width, heads[0][0].shape[-1])
-        v, bias = k.clone(), k.new_full((len(heads), width), float("-inf"))
-        for h, (hk, hv, hb) in enumerate(heads):
-            k[h, :len(hk)], v[h, :len(hk)], bias[h, :len(hk)] = hk, hv, hb if self.cfg.bias else 0
-        return k.to(dtype), v.to(dtype), bias
 
     def cartridge(self, metadata: dict[str, Any], dtype) -> Cartridge:
         """The fitted layers as a cartridge in ``dtype``: rectangular (a uniform budget; biases

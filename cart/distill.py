@@ -417,8 +417,7 @@ def initial_cartridge(cfg: DistillConfig, data: ConvoSet, model: Any, tokenizer:
             raise CartError(f"--init attention-match: the corpus has {len(data.head_ids)} tokens, "
                             f"fewer than -p/--tokens {p} (lower -p)")
         cart = compact_ids(model, tokenizer, data.head_ids,
-                           CompactConfig(tokens=p, budget="uniform",
-                                         device=str(next(model.parameters()).device)), console)
+                           CompactConfig(tokens=p, device=str(next(model.parameters()).device)), console)
         info = {**cart.metadata["init"], "source": data.head_source}
         cart.metadata = {"query_position": cart.query_position}
         return cart, info
