@@ -542,6 +542,18 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return read_metadata_bytes(read_cartridge_bytes(path), str(path))
 
 
+def has_biases(path: str | os.PathLike) -> bool:
+    """Whether the cartridge file at ``path`` carries attention biases (formats 2 and 3), from
+    its metadata alone. False for stdin (read once, later) and for what cannot be read: its
+    loader reports that."""
+    if str(path) == "-":
+        return False
+    try:
+        return read_metadata(path)["format"].split("/", 1)[1].split(".")[0] in ("2", "3")
+    except (CartError, OSError, KeyError, IndexError):
+        return False
+
+
 def read_cartridge_bytes(path: str | os.PathLike, expect: ModelIdentity | None = None,
                          declared: bool = False, shown: str | None = None) -> bytes:
     """The one reader of a cartridge input: the bytes of a cartridge file (``-``: stdin), or

@@ -329,8 +329,10 @@ def evaluate(questions_path: str, cfg: EvalConfig, model: str | None, *, no_cont
     from cart.models import resolve_device
     from cart.questions import load_questions
 
+    from cart.cartridge import has_biases
+
     check_stdin_once([questions_path, *icl, *cartridges])
-    cfg = with_runtime(cfg)
+    cfg = with_runtime(cfg, biases=any(has_biases(c) for c in cartridges))
     check_outputs({"-o": output, "--summary": summary_path, "--plot": plot_path},
                   [questions_path, *cartridges, *icl])
     if plot_path is not None:

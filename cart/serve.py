@@ -657,7 +657,13 @@ def _listen(host: str, port: int) -> socket.socket:
 def serve(cfg: ServeConfig, model: str | None, quiet: bool = False, console: Any = None) -> None:
     from cart.models import resolve_device
 
-    cfg = with_runtime(cfg)
+    from pathlib import Path
+
+    from cart.cartridge import has_biases
+
+    # compacted cartridges carry biases vLLM cannot apply: auto serves them with transformers
+    files = Path(cfg.cartridges).glob("*.safetensors") if cfg.cartridges else ()
+    cfg = with_runtime(cfg, biases=any(has_biases(f) for f in files))
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("cart serve: %(message)s"))
     log.handlers[:] = [handler]

@@ -283,3 +283,20 @@ def test_eval_reports_a_flat_cartridges_memory_exactly(engine, tmp_path):
     assert method.kv_tokens == flat.num_tokens == 5  # ceil(17 columns / (2 heads x 2 layers))
     assert got["kv_bytes"] == flat.kv_bytes("bfloat16") == 17 * 2 * 16 * 2  # not 5 x 2 x 2 columns
     assert got["compression_vs_icl"] == round(100 * per_token / got["kv_bytes"], 2)
+
+
+def test_auto_engine_serves_biased_cartridges_with_transformers(engine, tmp_path):
+    """On a GPU ``--engine auto`` means vLLM, which refuses attention biases: with cartridges
+    that carry them (compacted: formats 2 and 3) it means transformers."""
+    from cart.cartridge import has_biases
+    from cart.engines import resolve_runtime
+
+    rect = rectangular(engine, biased=False)
+    flat = flattened(rectangular(engine), RAGGED)
+    rect.save(tmp_path / "plain.safetensors")
+    flat.save(tmp_path / "flat.safetensors")
+    assert has_biases(tmp_path / "flat.safetensors") and not has_biases(tmp_path / "plain.safetensors")
+    assert not has_biases("-") and not has_biases(tmp_path / "missing.safetensors")
+    assert resolve_runtime("auto", "auto", "cuda:0", biases=True) == ("transformers", "bfloat16")
+    assert resolve_runtime("vllm", "auto", "cuda:0", biases=True)[0] == "vllm"  # asked for: refused later
+    assert resolve_runtime("auto", "auto", "cpu", biases=False) == ("transformers", "float32")

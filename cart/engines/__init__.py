@@ -19,27 +19,29 @@ def check_runtime(engine: str, dtype: str) -> None:
         raise CartError(f"--dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {dtype!r}")
 
 
-def resolve_runtime(engine: str, dtype: str, device: str) -> tuple[str, str]:
+def resolve_runtime(engine: str, dtype: str, device: str, biases: bool = False) -> tuple[str, str]:
     """``auto`` made concrete for a (resolved) device: the engine is vLLM where it is
-    importable and the device is a GPU, else transformers; the dtype bfloat16 on a GPU, else
-    float32 (bfloat16 generation on a CPU has not been measured to pay)."""
+    importable and the device is a GPU, unless the cartridges carry attention biases
+    (``biases``: compacted ones, which vLLM refuses), else transformers; the dtype bfloat16 on
+    a GPU, else float32 (bfloat16 generation on a CPU has not been measured to pay)."""
     check_runtime(engine, dtype)
     gpu = device.startswith("cuda")
     if engine == "auto":
         import importlib.util
 
-        engine = "vllm" if gpu and importlib.util.find_spec("vllm") is not None else "transformers"
+        vllm = gpu and not biases and importlib.util.find_spec("vllm") is not None
+        engine = "vllm" if vllm else "transformers"
     return engine, ("bfloat16" if gpu else "float32") if dtype == "auto" else dtype
 
 
-def with_runtime(cfg: Any) -> Any:
+def with_runtime(cfg: Any, biases: bool = False) -> Any:
     """A stage config (``engine``, ``dtype``, ``device`` fields) with its engine and dtype made
-    concrete, so outputs record what ran."""
+    concrete, so outputs record what ran (``biases``: as ``resolve_runtime``)."""
     from dataclasses import replace
 
     from cart.models import resolve_device
 
-    engine, dtype = resolve_runtime(cfg.engine, cfg.dtype, resolve_device(cfg.device))
+    engine, dtype = resolve_runtime(cfg.engine, cfg.dtype, resolve_device(cfg.device), biases)
     return replace(cfg, engine=engine, dtype=dtype)
 
 
