@@ -383,16 +383,16 @@ def test_a_cartridge_for_another_model_is_not_exported(run_cart, engine, other_t
 
 
 def test_queries_elsewhere_are_moved_where_peft_starts_them(run_cart, engine, model_dir, tmp_path):
-    """A composed cartridge (queries at 9 < p) and a compacted one (queries after the corpus,
-    > p, the default pipeline's start) export with every key moved by RoPE to queries at p:
-    PEFT then gives the logits cart's engine gives with the original."""
+    """A composed cartridge (queries at 9 < p) and a uniformly compacted one (queries after the
+    corpus, > p; the rectangular kind PEFT can hold) export with every key moved by RoPE to
+    queries at p: PEFT then gives the logits cart's engine gives with the original."""
     from cart.compact import CompactConfig, compact_ids
     from cart.io import Console
 
     a, b = make_cartridge(engine, p=5), make_cartridge(engine, p=9)
     composed = compose_parts([("a", a, ""), ("b", b, "")])
     corpus = engine.tokenizer(TEXT * 3, add_special_tokens=False).input_ids
-    compacted = compact_ids(engine.model, engine.tokenizer, corpus, CompactConfig(tokens=10),
+    compacted = compact_ids(engine.model, engine.tokenizer, corpus, CompactConfig(tokens=10, budget="uniform"),
                             Console(True))
     compacted.metadata.update(make_cartridge(engine).metadata, query_position=compacted.query_position)
     assert composed.query_position == 9 < 13 and compacted.query_position > len(corpus)
