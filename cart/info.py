@@ -69,7 +69,9 @@ def format_info(info: dict[str, Any]) -> str:
         ("file", info["file"]),
         ("file size", f"{info['file_bytes']} bytes ({human_bytes(info['file_bytes'])})"),
         ("KV cache", f"{info['kv_bytes']} bytes ({human_bytes(info['kv_bytes'])}) for "
-                     f"{md['p']} tokens ({md['num_frozen_tokens']} frozen)"),
+                     + (f"{md['p']} tokens per KV head and layer on average (flat; a sink per head)"
+                        if md["format"].endswith("/3") else
+                        f"{md['p']} tokens ({md['num_frozen_tokens']} frozen)")),
     ]
     if "corpus_kv_bytes" in info:
         rows.append(("corpus in context",

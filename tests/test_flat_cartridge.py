@@ -135,10 +135,12 @@ def test_save_and_load_a_flat_cartridge(engine, tmp_path):
     assert back.flat and back.kv_bytes() == flat.kv_bytes() == path.stat().st_size - _overhead(path, back)
     for x, y in zip(flat.tensors().values(), back.tensors().values()):
         assert torch.equal(x, y)
-    from cart.info import cartridge_info
+    from cart.info import cartridge_info, format_info
 
     info = cartridge_info(path)
     assert info["kv_bytes"] == flat.kv_bytes()
+    assert (f"{flat.kv_bytes()} bytes (" in format_info(info) and f"for {flat.num_tokens} tokens per "
+            "KV head and layer on average (flat; a sink per head)" in format_info(info))
     back.metadata["corpus_tokens"] = 1000
     back.save(path)
     info = cartridge_info(path)
