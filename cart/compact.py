@@ -29,7 +29,7 @@ TEMPLATE_ROOM = 64
 class CompactConfig:
     tokens: int = 512  # p, KV positions per layer (the sink included)
     window: int | None = None  # corpus tokens per window; None: the most the context allows
-    max_queries: int = 4096  # reference query vectors per KV head in each layer's fit
+    max_queries: int = 8192  # reference query vectors per KV head in each layer's fit
     # global: each (layer, head) keeps what attention needs, same total memory (a flat
     # cartridge, transformers engine only); uniform: p per layer and head (vLLM serves it)
     budget: str = "global"

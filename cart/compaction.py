@@ -8,7 +8,8 @@ head, at the tokens that follow the corpus):
 1. scores ``S = Q K^T * scale`` (``[N, T]``), row-shifted by their maximum ``m``; the corpus's
    attention mass ``M = sum_j exp(S - m)`` (``[N]``) and normalised output ``Y = softmax(S) V``
    (``[N, d]``) are what the compacted prefix must reproduce: the mass decides how much a query
-   attends to the prefix against its own tokens, the output what it reads there;
+   attends to the prefix against its own tokens, the output what it reads there (the shift
+   also weighs the rows of the mass fit: a query whose attention is spread counts more);
 2. keys: the sink (position 0, kept whole and frozen) plus the ``p - 1`` corpus keys with the
    highest attention weight of any query (``max_i softmax(S)_ij``);
 3. biases ``beta`` (``[p]``, the sink's 0): non-negative least squares for the mass,
@@ -125,10 +126,11 @@ def compact(model: Any, prefix_ids: Sequence[int], queries: Sequence[Sequence[in
         observer = _Observer(t, cfg)
         _run_queries(model, t, queries, prefix_ids=prefix_ids, cart_observer=observer)
         kv = observer.kv
-        counts = allocate(torch.stack(observer.scores), len(kv) * kv[0][0].shape[0] * (cfg.tokens - 1))
+        counts = allocate(torch.stack([x.rank for x in observer.targets]).cpu(),
+                          len(kv) * kv[0][0].shape[0] * (cfg.tokens - 1))
         fitter = _LayerFitter(kv, cfg, counts)
-        for layer, (q, scale) in enumerate(observer.queries):
-            fitter.fit_layer(layer, q, scale)
+        for layer, ((q, scale), targets) in enumerate(zip(observer.queries, observer.targets)):
+            fitter.fit_layer(layer, q, scale, targets)
     else:
         kv = prefix_kv(model, torch.tensor(list(prefix_ids), device=next(model.parameters()).device))
         fitter = _LayerFitter(kv, cfg)
@@ -207,29 +209,27 @@ class _Observer:
     """The one pass of a global budget (``cart_observer`` of ``cart.attention.gqa_attention``):
     the corpus and its reference queries read in one row, each layer's attention as usual; it
     keeps the corpus's K/V (``kv``: per layer ``[kv_heads, T, d]``), the queries that follow it
-    (``queries``: per layer ``[kv_heads, N, d]`` and the scale) and each corpus key's highest
-    attention weight from any of them (``scores``: per layer ``[kv_heads, T]``)."""
+    (``queries``: per layer ``[kv_heads, N, d]`` and the scale) and what the corpus gives them
+    (``targets``: per layer ``AttentionTargets``, whose ``rank`` scores every key for
+    ``allocate``) -- so each head's fit later needs only its kept keys' scores."""
 
     def __init__(self, t: int, cfg: CompactionConfig):
         self.t, self.cfg = t, cfg
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.queries: list[tuple[torch.Tensor, float]] = []
-        self.scores: list[torch.Tensor] = []
+        self.targets: list[AttentionTargets] = []
 
     def __call__(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  scaling: float | None) -> None:
         """``query`` ``[1, heads, T + L, d]``, ``key``/``value`` ``[1, kv_heads, T + L, d]``."""
-        import torch
-
         if layer != len(self.kv):
             raise RuntimeError(f"layers reached out of order: {layer} after {len(self.kv) - 1}")
-        keys = key[0, :, :self.t].clone()
-        self.kv.append((keys, value[0, :, :self.t].clone()))
+        keys, values = key[0, :, :self.t].clone(), value[0, :, :self.t].clone()
+        self.kv.append((keys, values))
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         q = reference_queries(query[:, :, self.t:], keys.shape[0], self.cfg)
         self.queries.append((q, scale))
-        weights = torch.matmul(q, keys.float().transpose(1, 2)).mul_(scale).softmax(dim=-1)
-        self.scores.append(weights.amax(dim=1).cpu())
+        self.targets.append(attention_targets(keys, values, q, scale, self.cfg.select))
 
 
 class _LayerFitter:
@@ -266,26 +266,30 @@ class _LayerFitter:
         return SharedPrefixes([(list(range(query.shape[0])), self.layers,
                                 self.biases if self.cfg.bias else None)], query.shape[0])
 
-    def fit_layer(self, layer: int, q: torch.Tensor, scale: float) -> None:
-        """Fit layer ``layer`` to the reference queries ``q`` ``[kv_heads, N, d]`` (``heads``)."""
+    def fit_layer(self, layer: int, q: torch.Tensor, scale: float,
+                  targets: AttentionTargets | None = None) -> None:
+        """Fit layer ``layer`` to the reference queries ``q`` ``[kv_heads, N, d]`` (``heads``);
+        ``targets``: what the corpus gives them, when already computed."""
         if layer != len(self.heads):
             raise RuntimeError(f"layers reached out of order: {layer} after {len(self.heads) - 1}")
         keys, values = self.kv[layer]
         if self.counts is None:
-            k, v, bias = fit_head_group(keys, values, q, scale, self.cfg)
+            k, v, bias = fit_head_group(keys, values, q, scale, self.cfg, targets)
             self.heads.append([(k[h], v[h], bias[h]) for h in range(k.shape[0])])
         else:
             self.heads.append([self._fit_head(keys[h:h + 1], values[h:h + 1], q[h:h + 1], scale,
-                                              int(self.counts[layer, h])) for h in range(keys.shape[0])])
+                                              int(self.counts[layer, h]),
+                                              None if targets is None else targets.head(h))
+                               for h in range(keys.shape[0])])
 
-    def _fit_head(self, keys, values, q, scale: float, kept: int):
+    def _fit_head(self, keys, values, q, scale: float, kept: int, targets: AttentionTargets | None):
         """One KV head keeping ``kept`` keys besides its sink (``[1, T, d]`` K/V, ``[1, N, d]``
         queries) -> its keys, values ``[kept + 1, d]`` and biases ``[kept + 1]``."""
         import torch
 
         if kept == 0:  # the sink alone
             return keys[0, :1].float(), values[0, :1].float(), torch.zeros(1, device=keys.device)
-        k, v, bias = fit_head_group(keys, values, q, scale, replace(self.cfg, tokens=kept + 1))
+        k, v, bias = fit_head_group(keys, values, q, scale, replace(self.cfg, tokens=kept + 1), targets)
         return k[0], v[0], bias[0]
 
     def cartridge(self, metadata: dict[str, Any], dtype) -> Cartridge:
@@ -314,39 +318,80 @@ class _LayerFitter:
               for heads in self.heads)], metadata)
 
 
-def fit_head_group(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, scale: float,
-                   cfg: CompactionConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One layer: ``keys``/``values`` ``[H, T, d]`` (position 0 the sink), ``queries``
-    ``[H, N, d]`` -> compacted keys and values ``[H, p, d]`` (sink first) and biases ``[H, p]``
-    (the sink's 0), float32."""
+@dataclass
+class AttentionTargets:
+    """What a corpus's KV cache gives ``N`` reference queries of ``H`` KV heads, which the
+    compacted prefix must reproduce (float32): each row's largest score ``shift`` ``[H, N, 1]``;
+    the attention mass ``mass`` ``[H, N]`` (``sum_j exp(S - shift)``) and the sink's part of it
+    ``sink``; the attention output ``output`` ``[H, N, d]``; and ``rank``
+    ``[H, T]``, each key's score for keeping it (the sink's -inf: it is kept anyway)."""
+
+    shift: torch.Tensor
+    mass: torch.Tensor
+    sink: torch.Tensor
+    output: torch.Tensor
+    rank: torch.Tensor
+
+    def head(self, h: int) -> AttentionTargets:
+        """The targets of KV head ``h`` alone (``H`` = 1)."""
+        return AttentionTargets(*(getattr(self, f)[h:h + 1] for f in ("shift", "mass", "sink", "output",
+                                                                     "rank")))
+
+
+def attention_targets(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
+                      scale: float, select: str = "max") -> AttentionTargets:
+    """``keys``/``values`` ``[H, T, d]`` (position 0 the sink), ``queries`` ``[H, N, d]`` ->
+    their ``AttentionTargets``; ``rank`` by ``select``: each key's highest attention weight from
+    any query (max), its mean or its root mean square."""
     import torch
 
+    k32, v32 = keys.float(), values.float()
+    # the [H, N, T] scores go in blocks of queries, ~8 MB at a time: a larger buffer is
+    # allocated afresh (its pages faulted in) for every block, which cost more than the maths
+    block = max(64, (1 << 21) // (keys.shape[0] * keys.shape[1]))
+    shifts, masses, sinks, outputs, rank = [], [], [], [], None
+    for i in range(0, queries.shape[1], block):
+        weights = torch.matmul(queries[:, i:i + block] * scale, k32.transpose(1, 2))
+        shifts.append(weights.amax(dim=-1, keepdim=True))
+        weights.sub_(shifts[-1]).exp_()  # exp(S - m)
+        masses.append(weights.sum(dim=-1))
+        sinks.append(weights[:, :, 0].clone())
+        weights.div_(masses[-1].unsqueeze(-1))  # softmax(S)
+        outputs.append(torch.matmul(weights, v32))
+        part = weights.amax(dim=1) if select == "max" else (weights if select == "mean"
+                                                             else weights.square_()).sum(dim=1)
+        rank = part if rank is None else torch.maximum(rank, part) if select == "max" else rank + part
+    if select != "max":  # mean, or root mean square
+        rank = rank.div_(queries.shape[1]) if select == "mean" else rank.div_(queries.shape[1]).sqrt_()
+    rank[:, 0] = float("-inf")
+    return AttentionTargets(*(torch.cat(x, dim=1) for x in (shifts, masses, sinks, outputs)), rank)
+
+
+def fit_head_group(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, scale: float,
+                   cfg: CompactionConfig, targets: AttentionTargets | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer: ``keys``/``values`` ``[H, T, d]`` (position 0 the sink), ``queries``
+    ``[H, N, d]`` -> compacted keys and values ``[H, p, d]`` (sink first) and biases ``[H, p]``
+    (the sink's 0), float32. ``targets``: ``attention_targets`` of the same, if computed."""
+    import torch
+
+    if targets is None:
+        targets = attention_targets(keys, values, queries, scale, cfg.select)
     p = cfg.tokens
     k32, v32 = keys.float(), values.float()
-    # [H, N, T] is the big one: computed once, then turned into the attention weights in place
-    weights = torch.matmul(queries, k32.transpose(1, 2)).mul_(scale)
-    shift = weights.amax(dim=-1, keepdim=True)
-    weights.sub_(shift).exp_()  # exp(S - m)
-    mass = weights.sum(dim=-1)  # [H, N]
-    target = torch.matmul(weights, v32).div_(mass.unsqueeze(-1))  # [H, N, d]
-    sink = weights[:, :, 0].clone()
-    weights.div_(mass.unsqueeze(-1))  # attention weights
-    rank = (weights.amax(dim=1) if cfg.select == "max" else weights.mean(dim=1) if cfg.select == "mean"
-            else weights.square().mean(dim=1).sqrt())  # [H, T]
-    rank[:, 0] = float("-inf")  # the sink is kept anyway
-    chosen = rank.topk(p - 1, dim=-1).indices.sort(dim=-1).values  # [H, p-1]
+    chosen = targets.rank.topk(p - 1, dim=-1).indices.sort(dim=-1).values  # [H, p-1]
     index = torch.cat([torch.zeros_like(chosen[:, :1]), chosen], dim=1)  # [H, p]
     kept_keys = torch.gather(k32, 1, index.unsqueeze(-1).expand(-1, -1, k32.shape[-1]))
-    del weights
-    kept_scores = torch.matmul(queries, kept_keys.transpose(1, 2)).mul_(scale).sub_(shift)  # [H, N, p]
+    kept_scores = torch.matmul(queries, kept_keys.transpose(1, 2)).mul_(scale).sub_(targets.shift)  # [H, N, p]
     if cfg.bias:
         bound = math.exp(cfg.bias_bound)
-        w = nnls(kept_scores[:, :, 1:].exp(), mass - sink, cfg.nnls_iters, 1 / bound, bound)  # [H, p-1]
+        w = nnls(kept_scores[:, :, 1:].exp(), targets.mass - targets.sink, cfg.nnls_iters,
+                 1 / bound, bound)  # [H, p-1]
         bias = torch.cat([torch.zeros_like(w[:, :1]), torch.log(w)], dim=1).float()
     else:
         bias = torch.zeros(kept_keys.shape[:2], device=kept_keys.device)
     probs = torch.softmax(kept_scores + bias.unsqueeze(1), dim=-1)  # [H, N, p]
-    residual = target - probs[:, :, :1] * v32[:, :1]  # the sink's part is fixed
+    residual = targets.output - probs[:, :, :1] * v32[:, :1]  # the sink's part is fixed
     # ridge toward each kept key's own value: a key few reference queries attend to keeps
     # (nearly) its value instead of the huge one least squares would give it
     fitted = ridge_solve(probs[:, :, 1:], residual, cfg.ridge, torch.gather(
@@ -358,7 +403,8 @@ def fit_head_group(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tens
 def nnls(a: torch.Tensor, y: torch.Tensor, iters: int, low: float, high: float) -> torch.Tensor:
     """Batched box-constrained least squares ``min_w ||a w - y||, low <= w <= high`` for ``a``
     ``[H, N, k]``, ``y`` ``[H, N]``: the least-squares solution clamped into the box, refined by
-    ``iters`` steps of accelerated projected gradient on the normal equations (float64)."""
+    ``iters`` steps of accelerated projected gradient on the normal equations (float64: the
+    mass fit is near singular, a float32 sum already moves a p = T compaction off exact)."""
     import torch
 
     a64, y64 = a.double(), y.double()
@@ -383,13 +429,12 @@ def nnls(a: torch.Tensor, y: torch.Tensor, iters: int, low: float, high: float) 
 def ridge_solve(x: torch.Tensor, y: torch.Tensor, ridge: float, prior: torch.Tensor) -> torch.Tensor:
     """Batched ``argmin_c ||x c - y||^2 + lam ||c - prior||^2`` for ``x`` ``[H, N, k]``, ``y``
     ``[H, N, d]``, ``prior`` ``[H, k, d]``; ``lam`` = ``ridge`` x the mean eigenvalue of
-    ``x^T x`` (float64)."""
+    ``x^T x`` (summed in float32, which the ridge makes plenty; solved in float64)."""
     import torch
 
-    x64, y64 = x.double(), y.double()
-    gram = torch.matmul(x64.transpose(1, 2), x64)
+    gram = torch.matmul(x.transpose(1, 2), x).double()
     lam = (ridge * gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30))[:, None, None]
-    return spd_solve(gram, torch.matmul(x64.transpose(1, 2), y64) + lam * prior.double(),
+    return spd_solve(gram, torch.matmul(x.transpose(1, 2), y).double() + lam * prior.double(),
                      ridge).float()
 
 
