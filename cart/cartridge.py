@@ -544,13 +544,17 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def has_biases(path: str | os.PathLike) -> bool:
     """Whether the cartridge file at ``path`` carries attention biases (formats 2 and 3), from
-    its metadata alone. False for stdin (read once, later) and for what cannot be read: its
-    loader reports that."""
-    if str(path) == "-":
+    the format in its safetensors header alone: a choice made before loading (the engine), so
+    the tensors are not read twice. False for stdin (read once, later), for a PEFT adapter
+    folder (PEFT has no biases) and for what cannot be read: its loader reports that."""
+    if str(path) == "-" or os.path.isdir(path):
         return False
     try:
-        return read_metadata(path)["format"].split("/", 1)[1].split(".")[0] in ("2", "3")
-    except (CartError, OSError, KeyError, IndexError):
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            fmt = json.loads(f.read(header_len))["__metadata__"]["format"]
+        return fmt.startswith(FORMAT_NAME + "/") and fmt.split("/", 1)[1].split(".")[0] in ("2", "3")
+    except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError, RecursionError):
         return False
 
 
