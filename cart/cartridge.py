@@ -93,9 +93,14 @@ def flat_layer(keys, values, biases):
     return flat_k, flat_v, out
 
 
+def dtype_bytes(dtype: str) -> int:
+    """Bytes of one K or V entry in ``dtype`` (float32, bfloat16 or float16)."""
+    return _DTYPE_BYTES[dtype]
+
+
 def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: str) -> int:
     """Bytes of KV cache one token takes in a model: layers x (K and V) x heads x dim x size."""
-    return num_layers * 2 * kv_heads * head_dim * _DTYPE_BYTES[dtype]
+    return num_layers * 2 * kv_heads * head_dim * dtype_bytes(dtype)
 
 
 @dataclass
@@ -243,7 +248,7 @@ class Cartridge:
     def kv_bytes(self, dtype: str | None = None) -> int:
         """Bytes of the stored keys and values (exact, flat or not; biases not counted), in
         ``dtype`` (a ``_DTYPE_BYTES`` name; default the cartridge's own)."""
-        return self.kv_elements * _DTYPE_BYTES[dtype or self.dtype]
+        return self.kv_elements * dtype_bytes(dtype or self.dtype)
 
     @property
     def format(self) -> str:

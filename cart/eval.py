@@ -322,7 +322,7 @@ def evaluate(questions_path: str, cfg: EvalConfig, model: str | None, *, no_cont
              output: str | None, summary_path: str | None, plot_path: str | None,
              table: bool | None, console: Console) -> list[dict[str, Any]]:
     """The whole ``cart eval`` job. Returns the per-method summaries."""
-    from cart.cartridge import kv_bytes_per_token
+    from cart.cartridge import dtype_bytes, kv_bytes_per_token
     from cart.engines import get_engine, with_runtime
     from cart.io import open_input_bytes
     from cart.metrics import METRICS
@@ -352,7 +352,7 @@ def evaluate(questions_path: str, cfg: EvalConfig, model: str | None, *, no_cont
     check_fits(engine, methods, questions, prompts, cfg, questions_path)
     ident = engine.identity
     bytes_per_token = kv_bytes_per_token(ident.num_layers, ident.kv_heads, ident.head_dim, cfg.dtype)
-    element_bytes = bytes_per_token // (2 * ident.num_layers * ident.kv_heads * ident.head_dim)
+    element_bytes = dtype_bytes(cfg.dtype)
     icl_tokens = next((m.kv_tokens for m in methods if m.kind == "icl"), None)
 
     run = run_fingerprint(asdict(cfg), ident.model_id, ident.config_hash, sha256_hex(questions_bytes),
