@@ -46,10 +46,14 @@ DTYPES = ("auto", "float32", "bfloat16")
 # Far above any rate that trains (the paper's 0.02; 0.2 on the tiny test models): beyond it
 # Adam's state overflows float32 and training dies in NaN.
 MAX_LR = 100.0
-# The learning rate from a fitted start. On examples/orbital (p=128, the same 96 default
-# conversations) from the global compaction: 0.01 closed 88% of the answer-NLL gap and
-# answered 5/39, 0.05 68% and 3/39.
+# --lr's default from a fitted start (attention-match, a cartridge file), which a higher rate
+# trains away from: on examples/orbital (p=128, the same 96 default conversations, from the
+# global compaction) one epoch at 0.01 closed 91% of the answer-NLL gap and answered 7/39, at
+# 0.02 95% and 5/39; two epochs at 0.05 68% and 3/39.
 FITTED_START_LR = 1e-2
+# ... and from any other start: at a cold start's few dozen CPU steps 0.05 closed more of the
+# gap than the reference implementation's 0.02 (real corpus 63% vs 56%; 0.1: 45%).
+COLD_START_LR = 5e-2
 
 
 @dataclass
@@ -59,10 +63,7 @@ class DistillConfig:
     init: str = "attention-match"
     init_text: str | None = None  # the file read by --init text
     objective: str = "kl"
-    # constant, Adam; None: FITTED_START_LR from a fitted start (attention-match, a cartridge
-    # file), which a higher rate trains away from, else 0.05 (a cold start's few dozen CPU
-    # steps: real corpus 63% vs 56% at the reference implementation's 0.02, 0.1 45%)
-    lr: float | None = None
+    lr: float | None = None  # constant, Adam; None: FITTED_START_LR or COLD_START_LR
     # the CPU-scale recipe (README, "The default recipe"); the paper's GPU scale is
     # --epochs 1 --batch-size 4 --seq-len 2048 on many more conversations
     epochs: int = 1
@@ -81,7 +82,8 @@ class DistillConfig:
                      "save_every", "frozen_tokens"):
             check_type(name, getattr(self, name), int)
         if self.lr is None:
-            self.lr = FITTED_START_LR if self.init == "attention-match" or init_is_cartridge(self.init) else 5e-2
+            fitted = self.init == "attention-match" or init_is_cartridge(self.init)
+            self.lr = FITTED_START_LR if fitted else COLD_START_LR
         check_type("lr", self.lr, (int, float))
         if self.steps is not None:
             check_type("steps", self.steps, int)

@@ -717,3 +717,15 @@ def test_the_run_fingerprint_ignores_the_inits_wall_time():
     assert distill_fingerprint(DistillConfig(tokens=8, steps=99), "d", init) == same
     assert distill_fingerprint(cfg, "d", {**init, "windows": 2}) != same
     assert distill_fingerprint(DistillConfig(tokens=8, lr=0.02), "d", init) != same
+
+
+def test_lr_default_depends_on_the_start():
+    """A fitted start (the default compaction, a cartridge file) trains at the low rate, a cold
+    one at the high rate; a rate given is kept."""
+    from cart.distill import COLD_START_LR, FITTED_START_LR, DistillConfig
+
+    assert DistillConfig(tokens=8).lr == FITTED_START_LR < COLD_START_LR
+    assert DistillConfig(tokens=8, init="old.safetensors").lr == FITTED_START_LR
+    for cold in ("corpus", "random-tokens", "random-vectors"):
+        assert DistillConfig(tokens=8, init=cold).lr == COLD_START_LR
+    assert DistillConfig(tokens=8, init="corpus", lr=0.3).lr == 0.3
