@@ -55,7 +55,7 @@ demo: install
 	$(CART) chunk examples/orbital/corpus.md --mode sequential --min-tokens 128 --max-tokens 256 \
 		-o $(DEMO_OUT)/chunks.jsonl
 	@$(PY) examples/show_chunks.py $(DEMO_OUT)/chunks.jsonl
-	@echo "== cart synth: self-study on the corpus, the default recipe (paper + recall seed prompts, short turns)"
+	@echo "== cart synth: self-study on the corpus, the default recipe (the direct recall seed prompts, short turns)"
 	$(CART) synth examples/orbital/corpus.md -o $(DEMO_OUT)/convos.jsonl
 	@$(PY) examples/show_convos.py $(DEMO_OUT)/convos.jsonl
 	@echo "== cart distill: a 128-token cartridge, self-study from the corpus's compaction (the defaults)"

@@ -191,9 +191,10 @@ def synth_command(
                                                     "(paper: 1).")] = None,
     seed: SeedOpt = None,
     seed_prompts: Annotated[Optional[str], _opt(
-        "--seed-prompts", "mixed (the paper's five generic types, one per conversation), "
-                          "generic (single-prompt ablation), a comma-separated list of types, "
-                          "or a .txt/.jsonl file of your own.")] = None,
+        "--seed-prompts", "recall (this project's direct types: recite, facts, qa, cloze; "
+                          "the default), mixed (the paper's five generic types), generic "
+                          "(single-prompt ablation), a comma-separated list of types, e.g. "
+                          "mixed,recall, or a .txt/.jsonl file of your own.")] = None,
     temperature_a: Annotated[Optional[float], _opt(
         "--temperature-a", "Sampling temperature of A (the question writer).")] = None,
     max_tokens_a: Annotated[Optional[int], _opt("--max-tokens-a", "Token cap of A's messages.")] = None,

@@ -45,7 +45,7 @@ follow the cartridge (``cart.chat.render_cartridge_ids``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Sequence
 
 from cart.io import CartError
@@ -334,8 +334,7 @@ class AttentionTargets:
 
     def head(self, h: int) -> AttentionTargets:
         """The targets of KV head ``h`` alone (``H`` = 1)."""
-        return AttentionTargets(*(getattr(self, f)[h:h + 1] for f in ("shift", "mass", "sink", "output",
-                                                                     "rank")))
+        return AttentionTargets(*(getattr(self, f.name)[h:h + 1] for f in fields(self)))
 
 
 def attention_targets(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,

@@ -32,19 +32,20 @@ from cart.engines.base import Engine, Generation, GenerationRequest
 from cart.io import (CartError, Console, PartialOutput, atomic_output, check_output_path, dumps,
                      output_destination, parse_jsonl, read_jsonl, require, run_fingerprint,
                      schema_id, sha256_hex)
+from cart.seeds import DEFAULT_SPEC
 
 
 
 @dataclass
 class SynthConfig:
-    # The CPU-scale recipe (README, "The default recipe"): short chunks read in order, recall
-    # prompts beside the generic ones, short turns. The reference implementation's GPU scale
+    # The CPU-scale recipe (README, "The default recipe"): short chunks read in order, the
+    # direct (recall) seed prompts, short turns. The reference implementation's GPU scale
     # is -n 64+ --seed-prompts mixed --max-tokens-a 512 --max-tokens-b 1024 --mode random
     # --min-tokens 512 --max-tokens 4096.
     num_convos: int = 96  # real corpus: 70% of the gap closed against 63% with 48
     turns: int = 1
     seed: int = 0
-    seed_prompts: str = "mixed,recall"
+    seed_prompts: str = DEFAULT_SPEC
     temperature_a: float = 0.6  # reference implementation's default
     max_tokens_a: int = 64
     temperature_b: float = 0.0
@@ -236,8 +237,9 @@ def plan(chunks: list[dict[str, Any]], cfg: SynthConfig, seeds) -> list[Planned]
         epoch += 1
     out = []
     for i in range(cfg.num_convos):
-        seed_type, seed_text = seeds.sample(random.Random(f"{cfg.seed}:{i}"))
-        out.append(Planned(i, chunks[order[i]], seed_type, seed_text))
+        chunk = chunks[order[i]]
+        seed_type, seed_text = seeds.sample(random.Random(f"{cfg.seed}:{i}"), chunk["text"])
+        out.append(Planned(i, chunk, seed_type, seed_text))
     return out
 
 

@@ -20,7 +20,8 @@ DOMAIN_WORDS = ["medical", "patient", "health", "clinical", "financial", "financ
 ENDING = re.compile(r"Output only (the|that) (message|question|question or request), and "
                     r"nothing else: no preamble, no explanation\.$")
 UNKNOWN = ("--seed-prompts: unknown seed-prompt type {!r} (known: mixed, recall, generic, "
-           "structuring, summarization, question, use_case, creative, recite, facts, qa, or a file)")
+           "structuring, summarization, question, use_case, creative, recite, facts, qa, cloze, or a "
+           "file)")
 
 
 def all_builtin_prompts(n: int = 300) -> set[str]:
@@ -56,8 +57,9 @@ def test_different_seeds_give_different_mixed_sequences():
     assert [mix.sample(a) for _ in range(30)] != [mix.sample(b) for _ in range(30)]
 
 
-def test_mixed_is_the_default_and_draws_all_five_types():
-    mix = get_seed_prompts()
+def test_recall_is_the_default_and_mixed_draws_all_five_types():
+    assert get_seed_prompts().describe() == "recall: recite, facts, qa, cloze"
+    mix = get_seed_prompts("mixed")
     assert mix.describe() == "mixed: structuring, summarization, question, use_case, creative"
     rng = random.Random(0)
     drawn = [mix.sample(rng) for _ in range(200)]
@@ -220,3 +222,41 @@ def test_seed_mix_sample_draws_type_then_prompt():
         seed = ref.choice(mix.seeds)
         assert name == seed.name and text == seed.sample(ref)
     assert isinstance(mix, SeedMix)
+
+
+def cloze_parts(text: str) -> tuple[str, str]:
+    """(the variant a cloze prompt was written from, the cue it quotes)."""
+    from cart.seeds.cloze import VARIANTS
+
+    cue = text.split('"')[1].removesuffix(" ...")
+    template = next(v for v in VARIANTS if v.format(cue=cue) == text)
+    return template, cue
+
+
+def test_cloze_quotes_the_start_of_a_sentence_of_its_chunk():
+    """A cloze prompt quotes between a third and two thirds of one sentence of the chunk (of
+    at least MIN_WORDS words), so the answer the teacher copies holds the rest of it."""
+    from cart.seeds.cloze import MIN_WORDS, VARIANTS, ClozeSeed
+
+    chunk = ("# Heading\n\nThe harbour light was first lit on 3 March 1911 by the keeper. "
+             "Short one. Ferries leave the north quay every forty minutes in summer.\n| a | b |")
+    sentences = ["The harbour light was first lit on 3 March 1911 by the keeper.",
+                 "Ferries leave the north quay every forty minutes in summer."]
+    seed, rng, seen = ClozeSeed(), random.Random(0), set()
+    for _ in range(200):
+        template, cue = cloze_parts(seed.sample(rng, chunk))
+        whole = next(s for s in sentences if s.startswith(cue + " "))
+        n, k = len(whole.split()), len(cue.split())
+        assert n >= MIN_WORDS and max(3, n // 3) <= k <= 2 * n // 3
+        seen.add((template, whole))
+    assert len(seen) == len(VARIANTS) * len(sentences)
+    assert seed.sample(random.Random(4), chunk) == seed.sample(random.Random(4), chunk)
+
+
+def test_cloze_without_a_long_sentence_quotes_the_chunks_first_words():
+    from cart.seeds.cloze import ClozeSeed
+
+    assert cloze_parts(ClozeSeed().sample(random.Random(0), "| id | value |\n| 1 | 2 |"))[1] \
+        in ("| id |", "| id | value", "| id | value |")
+    assert cloze_parts(ClozeSeed().sample(random.Random(0), ""))[1] in ("The document",
+                                                                          "The document begins")

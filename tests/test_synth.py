@@ -46,8 +46,7 @@ def test_records_and_teacher_targets_match_a_forward_pass_with_the_chunk(run_car
     model, tok = load_model(ref), load_tokenizer(ref)
     for r in recs:
         assert r["schema"] == "cart.convo/1"
-        assert r["seed_prompt"]["type"] in {"structuring", "summarization", "question", "use_case",
-                                            "creative", "recite", "facts", "qa"}  # mixed,recall
+        assert r["seed_prompt"]["type"] in {"recite", "facts", "qa", "cloze"}  # recall
         assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
         assert r["model"]["tokenizer_hash"] and r["config"]["top_k"] == 20
         t = r["targets"]
@@ -186,6 +185,10 @@ def test_direct_seeds_skip_a_and_the_corpus_head_travels_once(run_cart, tiny_mod
         assert r["seed_prompt"]["type"] in RECALL_TYPES
         assert r["messages"][0]["content"] == r["seed_prompt"]["text"]
         assert r["stats"]["a_tokens"] == [0]
+        if r["seed_prompt"]["type"] == "cloze":  # its cue is quoted from the corpus
+            cue = r["seed_prompt"]["text"].split('"')[1].removesuffix(" ...")
+            assert len(cue.split()) >= 3 and cue in " ".join(CORPUS_TEXT.split())
+    assert "cloze" in {r["seed_prompt"]["type"] for r in recs}
     tok = load_tokenizer(resolve_model(str(tiny_model)))
     head = recs[0]["corpus_head"]
     assert head["source"] == "corpus"

@@ -2,12 +2,13 @@
 participant A write the first user message about a chunk of the corpus.
 
 Each type is a ``SeedPrompt`` subclass in its own file. A new type is added by writing a
-subclass in its own file (a ``name`` and a ``sample(rng)`` method) and registering it in
+subclass in its own file (a ``name`` and a ``sample(rng, chunk)`` method) and registering it in
 ``SEED_TYPES`` below; ``--seed-prompts`` then accepts its name.
 
 ``get_seed_prompts(spec)`` turns a ``--seed-prompts`` value into a ``SeedMix``:
 
-* ``mixed`` (default): the five types of the paper, one drawn uniformly per conversation;
+* ``recall`` (default): this project's four direct types, one drawn uniformly per conversation;
+* ``mixed``: the five types of the paper, one drawn uniformly per conversation;
 * ``generic``: the single broad prompt of the paper's ablation;
 * a comma-separated list of type names, e.g. ``question,summarization``;
 * a file of the user's own prompts (``.txt``: one per line; ``.jsonl``: ``{"prompt": ...}``).
@@ -20,6 +21,7 @@ import random
 
 from cart.io import CartError
 from cart.seeds.base import SeedPrompt
+from cart.seeds.cloze import ClozeSeed
 from cart.seeds.creative import CreativeSeed
 from cart.seeds.custom import CustomSeeds
 from cart.seeds.facts import FactsSeed
@@ -46,11 +48,15 @@ RECALL_TYPES: dict[str, type[SeedPrompt]] = {
     "recite": ReciteSeed,
     "facts": FactsSeed,
     "qa": QASeed,
+    "cloze": ClozeSeed,
 }
 
 MIXED = "mixed"
 RECALL = "recall"
-DEFAULT_SPEC = MIXED
+# The CPU-scale default (README, "The default recipe"): with SmolLM2-135M, p = 128, the direct
+# types alone closed 95-98% of the answer-NLL gap on the four test corpora against 87-95% for
+# mixed,recall, and synth ran ~25% faster (A is never run).
+DEFAULT_SPEC = RECALL
 CUSTOM_SUFFIXES = (".txt", ".jsonl")
 KNOWN = (f"{MIXED}, {RECALL}, {GenericSeed.name}, " + ", ".join([*SEED_TYPES, *RECALL_TYPES])
          + ", or a file")
@@ -58,7 +64,7 @@ KNOWN = (f"{MIXED}, {RECALL}, {GenericSeed.name}, " + ", ".join([*SEED_TYPES, *R
 __all__ = [
     "SEED_TYPES", "SeedMix", "SeedPrompt", "get_seed_prompts", "DEFAULT_SPEC",
     "StructuringSeed", "SummarizationSeed", "QuestionSeed", "UseCaseSeed", "CreativeSeed",
-    "GenericSeed", "CustomSeeds", "RECALL_TYPES", "ReciteSeed", "FactsSeed", "QASeed",
+    "GenericSeed", "CustomSeeds", "RECALL_TYPES", "ReciteSeed", "FactsSeed", "QASeed", "ClozeSeed",
 ]
 
 
@@ -80,10 +86,11 @@ class SeedMix:
         """Types whose prompt is the user message itself (A is skipped)."""
         return {s.name for s in self.seeds if getattr(s, "direct", False)}
 
-    def sample(self, rng: random.Random) -> tuple[str, str]:
-        """Return ``(type_name, prompt_text)``; the same ``rng`` state gives the same pair."""
+    def sample(self, rng: random.Random, chunk: str = "") -> tuple[str, str]:
+        """Return ``(type_name, prompt_text)`` for a conversation about ``chunk``; the same
+        ``rng`` state and chunk give the same pair."""
         seed = rng.choice(self.seeds)
-        return seed.name, seed.sample(rng)
+        return seed.name, seed.sample(rng, chunk)
 
     def describe(self) -> str:
         """One line for logs and metadata, e.g. ``mixed: structuring, summarization, ...``."""

@@ -30,8 +30,9 @@ class SeedPrompt:
     # A direct seed is the user message itself, sent to B as is (participant A is skipped).
     direct: bool = False
 
-    def sample(self, rng: random.Random) -> str:
-        """Return the text of one seed prompt of this type."""
+    def sample(self, rng: random.Random, chunk: str = "") -> str:
+        """Return the text of one seed prompt of this type about ``chunk``, the text the
+        conversation is about (most types do not quote it)."""
         raise NotImplementedError(f"{type(self).__name__}.sample")
 
     def __repr__(self) -> str:
@@ -44,5 +45,5 @@ class DirectSeed(SeedPrompt):
     direct = True
     variants: tuple[str, ...] = ()
 
-    def sample(self, rng: random.Random) -> str:
+    def sample(self, rng: random.Random, chunk: str = "") -> str:
         return rng.choice(self.variants)

@@ -19,5 +19,5 @@ PROMPT = (
 class CreativeSeed(SeedPrompt):
     name = "creative"
 
-    def sample(self, rng: random.Random) -> str:
+    def sample(self, rng: random.Random, chunk: str = "") -> str:
         return PROMPT

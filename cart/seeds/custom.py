@@ -29,7 +29,7 @@ class CustomSeeds(SeedPrompt):
         self.prompts = list(prompts)
         self.source = source
 
-    def sample(self, rng: random.Random) -> str:
+    def sample(self, rng: random.Random, chunk: str = "") -> str:
         return rng.choice(self.prompts)
 
     def __repr__(self) -> str:

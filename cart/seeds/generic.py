@@ -20,5 +20,5 @@ PROMPT = (
 class GenericSeed(SeedPrompt):
     name = "generic"
 
-    def sample(self, rng: random.Random) -> str:
+    def sample(self, rng: random.Random, chunk: str = "") -> str:
         return PROMPT

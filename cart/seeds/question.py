@@ -26,5 +26,5 @@ VARIANTS = (
 class QuestionSeed(SeedPrompt):
     name = "question"
 
-    def sample(self, rng: random.Random) -> str:
+    def sample(self, rng: random.Random, chunk: str = "") -> str:
         return rng.choice(VARIANTS) + ONLY_THE_QUESTION

@@ -16,7 +16,7 @@ DATA_FORMATS = ("JSON", "YAML", "TOML", "INI", "XML", "plain text")
 class StructuringSeed(SeedPrompt):
     name = "structuring"
 
-    def sample(self, rng: random.Random) -> str:
+    def sample(self, rng: random.Random, chunk: str = "") -> str:
         data_format = rng.choice(DATA_FORMATS)
         template = (
             f"Could you take what <part of the document> of <document title> says about "

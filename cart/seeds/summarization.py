@@ -23,5 +23,5 @@ VARIANTS = (
 class SummarizationSeed(SeedPrompt):
     name = "summarization"
 
-    def sample(self, rng: random.Random) -> str:
+    def sample(self, rng: random.Random, chunk: str = "") -> str:
         return rng.choice(VARIANTS) + ONLY_THE_MESSAGE

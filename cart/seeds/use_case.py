@@ -23,5 +23,5 @@ PROMPT = (
 class UseCaseSeed(SeedPrompt):
     name = "use_case"
 
-    def sample(self, rng: random.Random) -> str:
+    def sample(self, rng: random.Random, chunk: str = "") -> str:
         return PROMPT
