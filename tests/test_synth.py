@@ -11,6 +11,7 @@ import torch
 from conftest import CART, one_line_error
 
 from cart.chat import SYSTEM_TEMPLATE, render_cartridge_ids, render_ids
+from cart.seeds import RECALL_TYPES
 
 CORPUS_TEXT = " ".join(
     f"Ship {i} docks at bay {i % 7} and carries cargo code K{i:03d} for captain Voss." for i in range(60))
@@ -46,7 +47,7 @@ def test_records_and_teacher_targets_match_a_forward_pass_with_the_chunk(run_car
     model, tok = load_model(ref), load_tokenizer(ref)
     for r in recs:
         assert r["schema"] == "cart.convo/1"
-        assert r["seed_prompt"]["type"] in {"recite", "facts", "qa", "cloze"}  # recall
+        assert r["seed_prompt"]["type"] in RECALL_TYPES  # the default, recall
         assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
         assert r["model"]["tokenizer_hash"] and r["config"]["top_k"] == 20
         t = r["targets"]
@@ -175,7 +176,6 @@ def test_direct_seeds_skip_a_and_the_corpus_head_travels_once(run_cart, tiny_mod
     """--seed-prompts recall: the seed prompt is the user message itself (A is skipped), and the
     first record carries the corpus's first token ids for cart distill --init corpus."""
     from cart.models import load_tokenizer, resolve_model
-    from cart.seeds import RECALL_TYPES
 
     proc = run_cart("synth", corpus, "-n", "4", "--seed-prompts", "recall", *SMALL,
                     "--model", tiny_model)
