@@ -48,7 +48,8 @@ Training (``cart distill``) packs conversations into rows behind one cartridge. 
 attends with FlexAttention instead (``packed_block_mask``, ``_flex_attention``): keys are
 [cartridge, own], the mask comes from per-token document ids (a BlockMask built once per forward
 and passed as the model's ``attention_mask``), the cartridge's biases are a ``score_mod``. Which
-path a device takes: ``training_attention``.
+path a device takes: ``training_attention``. The dense path (CPUs, and flat cartridges anywhere)
+runs ``_attend_trained``: a fused SDPA per KV head with the biases and the packing in its mask.
 """
 
 from __future__ import annotations
@@ -280,10 +281,13 @@ def _own_mask(attention_mask, b: int, group: int, q_len: int, length: int, devic
 def _attend(q, k, v, ok, prefix, scale):
     """``q`` ``[B, kv_heads, n, d]`` over [prefix, own keys ``k``/``v``] (``ok`` masks the
     own ones). Long prompts (prefill, compaction) go in query blocks, so the scores of one
-    block at a time are held (~32 MB), not the whole ``[n, p + length]`` matrix."""
+    block at a time are held (~32 MB), not the whole ``[n, p + length]`` matrix. A cartridge
+    being trained (its keys need gradients) behind every row takes ``_attend_trained``."""
     import torch
 
     rows, place = q.shape[2], prefix[3]
+    if prefix[0].requires_grad and place.slots == 1 and place.order is None and place.has is None:
+        return _attend_trained(q, k, v, ok, prefix, scale)
     batch = max(q.shape[0], place.slots * place.width)
     block = max(256, (1 << 23) // max(1, batch * q.shape[1] * (k.shape[2] + prefix[0].shape[-2])))
     if rows <= block:
@@ -312,6 +316,42 @@ def _attend_block(q, k, v, ok, prefix, scale):
     if place.has is not None:  # 0 * NaN is NaN: drop the prefix's values outright
         out = out.masked_fill(~place.has, 0)
     return out + torch.matmul(probs[..., p:], v)
+
+
+def _attend_trained(q, k, v, ok, prefix, scale):
+    """``_attend`` for the dense training path (``cart distill`` on a CPU): one cartridge behind
+    every row, its keys and values needing gradients. Per KV head, one fused
+    ``scaled_dot_product_attention`` over [that head's prefix keys, own keys] with the biases
+    and ``ok`` as its additive mask, so no ``[n, p + length]`` scores or probabilities are kept
+    for the backward, and a flat cartridge's head reads its own keys only (not every head's,
+    masked). Measured on one SmolLM2-sized layer (2 threads, float32, 3 x 1024 grouped queries
+    of packed conversations behind a flat p=1000 prefix): forward+backward 0.16 s against 0.32
+    s for ``_attend_block``, equal to 1e-6.
+
+    q ``[B, kv, n, d]``; k, v ``[B, kv, L, d]``; ok ``[B, 1 or kv, n, L]`` bool; prefix keys
+    and values ``[1, 1 or kv, p, d]``, biases ``[1, kv, 1, p]`` or None -> ``[B, kv, n, d]``."""
+    import torch
+    import torch.nn.functional as F
+
+    pk, pv, bias, _ = prefix
+    b, kv_heads, n, _ = q.shape
+    own = torch.zeros(ok.shape, dtype=q.dtype, device=q.device).masked_fill(~ok, float("-inf"))
+    outs = []
+    for h in range(kv_heads):
+        hk, hv = pk[0, min(h, pk.shape[1] - 1)], pv[0, min(h, pv.shape[1] - 1)]  # [p, d]
+        if bias is None:
+            prefix_mask = own.new_zeros(b, 1, n, hk.shape[0])
+        else:
+            hb = bias[0, h, 0]
+            mine = torch.isfinite(hb).nonzero().squeeze(1)  # a flat cartridge: this head's keys
+            hk, hv = hk.index_select(0, mine), hv.index_select(0, mine)
+            prefix_mask = hb.index_select(0, mine).to(q.dtype).expand(b, 1, n, -1)
+        keys = torch.cat([hk.expand(b, -1, -1), k[:, h]], dim=1).unsqueeze(1)  # [B, 1, p_h + L, d]
+        values = torch.cat([hv.expand(b, -1, -1), v[:, h]], dim=1).unsqueeze(1)
+        mask = torch.cat([prefix_mask, own[:, min(h, own.shape[1] - 1)].unsqueeze(1)], dim=-1)
+        outs.append(F.scaled_dot_product_attention(q[:, h:h + 1], keys, values, attn_mask=mask,
+                                                   scale=scale))
+    return torch.cat(outs, dim=1)
 
 
 # -- training: packed conversations behind one cartridge ---------------------------------------------

@@ -142,3 +142,42 @@ def test_make_batch_builds_the_dense_mask_only_for_the_dense_path(setup, monkeyp
     monkeypatch.setattr(cart.attention, "training_attention", lambda device: "flex")
     batch = make_batch([[0, 1, 2]], data.convos, 8, tok.pad_token_id, "cpu")
     assert batch.mask is None and batch.segment.shape == batch.input_ids.shape
+
+
+@pytest.mark.parametrize("layout", ["flat", "biased", "plain"])
+def test_the_trained_cartridges_fused_attention_equals_the_blockwise_one(layout):
+    """cart distill's dense path (a cartridge that needs gradients behind every row) runs one
+    fused SDPA per KV head; it must give _attend_block's outputs and gradients: packed
+    conversations, a padding query that reads the cartridge only, a flat cartridge's heads
+    reading their own keys."""
+    from cart.attention import _attend, _attend_block, _Placement
+    from cart.cartridge import flat_layer
+
+    gen = torch.Generator().manual_seed(0)
+    b, kv, group, n, d = 2, 3, 2, 12, 8
+    if layout == "flat":
+        sizes = [5, 1, 7]  # ragged; the middle head keeps its sink only
+        keys, values, biases = flat_layer([torch.randn(s, d, generator=gen) for s in sizes],
+                                          [torch.randn(s, d, generator=gen) for s in sizes],
+                                          [torch.randn(s, generator=gen) for s in sizes])
+        pk, pv, bias = keys[None], values[None], biases[None, :, None]
+    else:
+        pk, pv = torch.randn(1, kv, 6, d, generator=gen), torch.randn(1, kv, 6, d, generator=gen)
+        bias = torch.randn(1, kv, 1, 6, generator=gen) if layout == "biased" else None
+    pk, pv = pk.requires_grad_(), pv.requires_grad_()
+    q = torch.randn(b, kv, group * n, d, generator=gen, requires_grad=True)
+    k = torch.randn(b, kv, n, d, generator=gen, requires_grad=True)
+    v = torch.randn(b, kv, n, d, generator=gen, requires_grad=True)
+    segment = torch.tensor([[0] * 5 + [1] * 7, [0] * 9 + [-1] * 3])  # row 2 ends in padding
+    i = torch.arange(n)
+    ok = ((segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)
+          & (i[None, None, :] <= i[None, :, None]))  # [B, n, n]
+    ok = ok[:, None, None].expand(b, 1, group, n, n).reshape(b, 1, group * n, n)
+    prefix = (pk, pv, bias, _Placement([[0, 1]], b, "cpu"))
+    fused, blockwise = _attend(q, k, v, ok, prefix, 0.3), _attend_block(q, k, v, ok, prefix, 0.3)
+    torch.testing.assert_close(fused, blockwise, rtol=1e-5, atol=1e-6)
+    weights = torch.randn(fused.shape, generator=gen)
+    inputs = (pk, pv, q, k, v)
+    for a, e in zip(torch.autograd.grad((fused * weights).sum(), inputs),
+                    torch.autograd.grad((blockwise * weights).sum(), inputs)):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
