@@ -326,7 +326,7 @@ def _attend_trained(q, k, v, ok, prefix, scale):
     for the backward, and a flat cartridge's head reads its own keys only (not every head's,
     masked). Measured on one SmolLM2-sized layer (2 threads, float32, 3 x 1024 grouped queries
     of packed conversations behind a flat p=1000 prefix): forward+backward 0.16 s against 0.32
-    s for ``_attend_block``, equal to 1e-6.
+    s by ``_attend``'s query blocks, equal to 1e-6.
 
     q ``[B, kv, n, d]``; k, v ``[B, kv, L, d]``; ok ``[B, 1 or kv, n, L]`` bool; prefix keys
     and values ``[1, 1 or kv, p, d]``, biases ``[1, kv, 1, p]`` or None -> ``[B, kv, n, d]``."""
