@@ -240,3 +240,12 @@ def one_line_error(proc) -> str:
     assert len(lines) == 1, err
     assert lines[0].startswith("cart: error: "), err
     return lines[0]
+
+
+def cloze_parts(text: str) -> tuple[str, str]:
+    """(the variant a cloze prompt was written from, the cue it quotes)."""
+    from cart.seeds.cloze import VARIANTS
+
+    cue = text.split('"')[1].removesuffix(" ...")
+    template = next(v for v in VARIANTS if v.format(cue=cue) == text)
+    return template, cue

@@ -7,6 +7,7 @@ import random
 import re
 
 import pytest
+from conftest import cloze_parts
 
 from cart.io import CartError
 from cart.seeds import (
@@ -222,15 +223,6 @@ def test_seed_mix_sample_draws_type_then_prompt():
         seed = ref.choice(mix.seeds)
         assert name == seed.name and text == seed.sample(ref)
     assert isinstance(mix, SeedMix)
-
-
-def cloze_parts(text: str) -> tuple[str, str]:
-    """(the variant a cloze prompt was written from, the cue it quotes)."""
-    from cart.seeds.cloze import VARIANTS
-
-    cue = text.split('"')[1].removesuffix(" ...")
-    template = next(v for v in VARIANTS if v.format(cue=cue) == text)
-    return template, cue
 
 
 def test_cloze_quotes_the_start_of_a_sentence_of_its_chunk():

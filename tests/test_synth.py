@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import CART, one_line_error
+from conftest import CART, cloze_parts, one_line_error
 
 from cart.chat import SYSTEM_TEMPLATE, render_cartridge_ids, render_ids
 from cart.seeds import RECALL_TYPES
@@ -186,7 +186,7 @@ def test_direct_seeds_skip_a_and_the_corpus_head_travels_once(run_cart, tiny_mod
         assert r["messages"][0]["content"] == r["seed_prompt"]["text"]
         assert r["stats"]["a_tokens"] == [0]
         if r["seed_prompt"]["type"] == "cloze":  # its cue is quoted from the corpus
-            cue = r["seed_prompt"]["text"].split('"')[1].removesuffix(" ...")
+            cue = cloze_parts(r["seed_prompt"]["text"])[1]
             assert len(cue.split()) >= 3 and cue in " ".join(CORPUS_TEXT.split())
     assert "cloze" in {r["seed_prompt"]["type"] for r in recs}
     tok = load_tokenizer(resolve_model(str(tiny_model)))

@@ -95,18 +95,6 @@ class TransformersEngine(Engine):
                         raise CartError(f"generation failed: {ev.error}")
         return [row.out for row in rows]
 
-    def _row_cache(self, prompt_ids: list[int], prefix_len: int, kv_prefix: KVPrefix | None):
-        """A fresh cache for one request's own tokens, holding the stored KV of its shared
-        prompt prefix when it has one; returns (cache, first prompt index to run). The KV
-        prefix (a cartridge) is not copied in: attention reads it from ``shared_prefix``."""
-        from transformers import DynamicCache
-
-        row = DynamicCache(config=self.model.config)
-        stored, start = self._stored_prefix(prompt_ids, prefix_len, kv_prefix)
-        for layer, (k, v) in enumerate(stored or []):
-            row.update(k.clone(), v.clone(), layer)
-        return row, start
-
     def _stored_prefix(self, prompt_ids: list[int], prefix_len: int, kv_prefix: KVPrefix | None):
         """(the stored per-layer ``[1, kv_heads, prefix_len, d]`` K/V of the request's shared
         prompt prefix, or None; the first prompt index still to run)."""
@@ -263,8 +251,9 @@ class TransformersEngine(Engine):
                 if not 0 < r.target_start < len(r.prompt_ids):
                     raise ValueError(f"target_start {r.target_start} outside 1..{len(r.prompt_ids) - 1}")
                 prefix_len = min(r.prefix_len, r.target_start - 1)
-                row, start = self._row_cache(r.prompt_ids, prefix_len, r.kv_prefix)
+                stored, start = self._stored_prefix(r.prompt_ids, prefix_len, r.kv_prefix)
                 ids = r.prompt_ids[start:]
+                row = self._prefill_past([stored], start, len(ids))
                 logits = self.model(input_ids=torch.tensor([ids], device=self.model.device),
                                     position_ids=self._positions(r.kv_prefix, start, len(r.prompt_ids)),
                                     past_key_values=row, use_cache=True,
