@@ -223,8 +223,8 @@ class TransformersEngine(Engine):
     def _prefill_past(self, stored: list, P: int, T: int):
         """The cache a ``prefill_rows`` pass (or one ``score`` row) starts from: each row's
         stored prompt-prefix K/V (``stored[i]``: per-layer ``[1, kv_heads, s_i, d]``, or None)
-        right-aligned in P zero-filled columns, in buffers ``[B, kv_heads, P + T, d]`` the pass writes its T
-        columns into (no concatenation). Empty when no row has a stored prefix."""
+        right-aligned in P zero-filled columns, in buffers ``[B, kv_heads, P + T, d]`` the pass
+        writes its T columns into (no concatenation). Empty when no row has a stored prefix."""
         from transformers import DynamicCache
 
         if P == 0:

@@ -56,9 +56,9 @@ RECALL = "recall"
 # The CPU-scale default (README, "The default recipe"): with SmolLM2-135M, p = 128, the direct
 # types alone closed 95-98% of the answer-NLL gap on the four test corpora against 87-95% for
 # mixed,recall, and synth ran ~25% faster (A is never run).
-# `qa` stays although at 135M its replies hold a chunk's facts verbatim 20x less often than
-# `recite`'s: without it (and with random windows) meridian lost, 89% of the gap and 2/40
-# against 97% and 6/40 (README).
+# `qa` stays although at 135M its replies hold a chunk's facts verbatim 30x less often than
+# `recite`'s (2% against 62%): without it (and with random windows) meridian lost, 89% of the
+# gap and 2/40 against 97% and 6/40 (README).
 DEFAULT_SPEC = RECALL
 CUSTOM_SUFFIXES = (".txt", ".jsonl")
 KNOWN = (f"{MIXED}, {RECALL}, {GenericSeed.name}, " + ", ".join([*SEED_TYPES, *RECALL_TYPES])
