@@ -222,8 +222,9 @@ def gqa_attention(module, query, key, value, attention_mask, scaling=None, dropo
     import torch
     import torch.nn.functional as F
 
-    if cart_observer is not None:  # sees this layer's query, key and value; changes nothing
-        cart_observer(module.layer_idx, query, key, value, scaling)
+    if cart_observer is not None:  # computes this layer's attention, seeing its query, key and value
+        out = cart_observer(module.layer_idx, query, key, value, scaling, attention_mask)
+        return out.transpose(1, 2).contiguous(), None
     if cart_compaction is not None:
         cart_prefixes = cart_compaction.fit(module.layer_idx, query, scaling)
     if cart_prefixes is not None and cart_prefixes.groups:

@@ -175,22 +175,54 @@ def _run_queries(model: Any, t: int, queries: Sequence[Sequence[int]],
         model.set_attn_implementation(previous)
 
 
-def reference_queries(query: torch.Tensor, kv_heads: int, cfg: CompactionConfig) -> torch.Tensor:
+def reference_queries(kv_heads: int, cfg: CompactionConfig, query: torch.Tensor,
+                      *per_query: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``query`` ``[B, heads, L, d]`` -> ``[kv_heads, N, d]`` float32: the queries of every
     token (one packed row) and query head, grouped under their KV head (head h uses KV head
-    h // group), subsampled to ``cfg.max_queries``."""
+    h // group), subsampled to ``cfg.max_queries``; each of ``per_query`` (``[B, heads, L,
+    ...]``: what those queries attend to) grouped and subsampled the same way, alongside."""
     import torch
 
-    b, heads, length, d = query.shape
+    b, heads, length = query.shape[:3]
     group = heads // kv_heads
-    q = query.permute(0, 2, 1, 3).reshape(b * length, heads, d)  # [n, heads, d]
-    q = q.reshape(-1, kv_heads, group, d).permute(1, 0, 2, 3).reshape(kv_heads, -1, d)
-    n = q.shape[1]
+    n = b * length * group
+    pick = None
     if n > cfg.max_queries:
         gen = torch.Generator().manual_seed(cfg.seed)
-        pick = torch.randperm(n, generator=gen)[:cfg.max_queries].sort().values
-        q = q[:, pick.to(q.device)]
-    return q.float()
+        pick = torch.randperm(n, generator=gen)[:cfg.max_queries].sort().values.to(query.device)
+    out = []
+    for x in (query, *per_query):
+        rest = x.shape[3:]
+        x = x.transpose(1, 2).reshape(b * length, kv_heads, group, *rest).transpose(0, 1)
+        x = x.reshape(kv_heads, n, *rest)
+        out.append((x if pick is None else x[:, pick]).float())
+    return tuple(out)
+
+
+def attend_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                    causal: bool = False, mask: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with its log-sum-exp: ``query`` ``[B, heads, n, d]``, ``key``/``value`` ``[B,
+    kv_heads, t, d]`` (head h reads KV head h // group), ``causal`` (n = t) or ``mask`` (bool,
+    broadcasting to ``[B, heads, n, t]``) -> the output ``[B, heads, n, d]`` and ``log sum_j
+    exp(scores)`` ``[B, heads, n]``: what joins attention over two sets of keys (split softmax).
+    On a CPU, PyTorch's fused flash kernel (no ``[n, t]`` scores held); elsewhere plain maths."""
+    import torch
+
+    if mask is not None:
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+            ~mask, float("-inf"))
+    if query.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, causal, attn_mask=mask, scale=scale)
+    group = query.shape[1] // key.shape[1]
+    scores = torch.matmul(query, key.repeat_interleave(group, 1).transpose(-1, -2)) * scale
+    if causal:
+        scores = scores + torch.full(scores.shape[-2:], float("-inf"), device=scores.device).triu(1)
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul((scores - lse.unsqueeze(-1)).exp(), value.repeat_interleave(group, 1)), lse
 
 
 def allocate(scores: torch.Tensor, total: int) -> torch.Tensor:
@@ -207,11 +239,14 @@ def allocate(scores: torch.Tensor, total: int) -> torch.Tensor:
 
 class _Observer:
     """The one pass of a global budget (``cart_observer`` of ``cart.attention.gqa_attention``):
-    the corpus and its reference queries read in one row, each layer's attention as usual; it
-    keeps the corpus's K/V (``kv``: per layer ``[kv_heads, T, d]``), the queries that follow it
-    (``queries``: per layer ``[kv_heads, N, d]`` and the scale) and what the corpus gives them
-    (``targets``: per layer ``AttentionTargets``, whose ``rank`` scores every key for
-    ``allocate``) -- so each head's fit later needs only its kept keys' scores."""
+    the corpus and its reference queries read in one row. It keeps the corpus's K/V (``kv``: per
+    layer ``[kv_heads, T, d]``), the queries that follow it (``queries``: per layer
+    ``[kv_heads, N, d]`` and the scale) and what the corpus gives them (``targets``: per layer
+    ``AttentionTargets``, whose ``rank`` scores every key for ``allocate``) -- so each head's
+    fit later needs only its kept keys' scores. It also computes the layer's attention for the
+    pass (split softmax): the queries' attention over the corpus alone, which the targets need,
+    is joined to their attention over their own tokens by the two log-sum-exps, so the corpus
+    part is computed once, not once for the pass and again for the targets."""
 
     def __init__(self, t: int, cfg: CompactionConfig):
         self.t, self.cfg = t, cfg
@@ -220,16 +255,30 @@ class _Observer:
         self.targets: list[AttentionTargets] = []
 
     def __call__(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 scaling: float | None) -> None:
-        """``query`` ``[1, heads, T + L, d]``, ``key``/``value`` ``[1, kv_heads, T + L, d]``."""
+                 scaling: float | None, mask: torch.Tensor | None) -> torch.Tensor:
+        """``query`` ``[1, heads, T + L, d]``, ``key``/``value`` ``[1, kv_heads, T + L, d]``,
+        ``mask`` None (causal) or ``[1, 1, T + L, T + L]`` bool (packed query sequences) -> the
+        layer's attention output ``[1, heads, T + L, d]``."""
+        import torch
+
         if layer != len(self.kv):
             raise RuntimeError(f"layers reached out of order: {layer} after {len(self.kv) - 1}")
-        keys, values = key[0, :, :self.t].clone(), value[0, :, :self.t].clone()
+        t = self.t
+        keys, values = key[0, :, :t].clone(), value[0, :, :t].clone()
         self.kv.append((keys, values))
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        q = reference_queries(query[:, :, self.t:], keys.shape[0], self.cfg)
+        corpus, _ = attend_with_lse(query[:, :, :t], key[:, :, :t], value[:, :, :t], scale, causal=True)
+        seen, lse_seen = attend_with_lse(query[:, :, t:], key[:, :, :t], value[:, :, :t], scale)
+        own_mask = None if mask is None else mask[:, :, t:, t:]
+        own, lse_own = attend_with_lse(query[:, :, t:], key[:, :, t:], value[:, :, t:], scale,
+                                       causal=mask is None, mask=own_mask)
+        lse = torch.logaddexp(lse_seen, lse_own)
+        tail = (seen * (lse_seen - lse).exp().unsqueeze(-1) + own * (lse_own - lse).exp().unsqueeze(-1))
+        q, seen, lse_seen = reference_queries(keys.shape[0], self.cfg, query[:, :, t:], seen, lse_seen)
         self.queries.append((q, scale))
-        self.targets.append(attention_targets(keys, values, q, scale, self.cfg.select))
+        self.targets.append(attention_targets(keys, values, q, scale, self.cfg.select,
+                                              attended=(seen, lse_seen)))
+        return torch.cat([corpus, tail.to(corpus.dtype)], dim=2)
 
 
 class _LayerFitter:
@@ -255,7 +304,7 @@ class _LayerFitter:
 
         keys, _ = self.kv[layer]
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        self.fit_layer(layer, reference_queries(query, keys.shape[0], self.cfg), scale)
+        self.fit_layer(layer, reference_queries(keys.shape[0], self.cfg, query)[0], scale)
         if not self.cfg.on_policy:  # later layers see what the whole prefix gives
             return SharedPrefixes([(list(range(query.shape[0])), self.kv, None)], query.shape[0])
         heads = self.heads[-1]  # the rest of the pass attends to the fitted layer, as it is
@@ -338,32 +387,49 @@ class AttentionTargets:
 
 
 def attention_targets(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
-                      scale: float, select: str = "max") -> AttentionTargets:
+                      scale: float, select: str = "max",
+                      attended: tuple[torch.Tensor, torch.Tensor] | None = None) -> AttentionTargets:
     """``keys``/``values`` ``[H, T, d]`` (position 0 the sink), ``queries`` ``[H, N, d]`` ->
     their ``AttentionTargets``; ``rank`` by ``select``: each key's highest attention weight from
-    any query (max), its mean or its root mean square."""
+    any query (max), its mean or its root mean square. ``attended``: the queries' attention
+    output ``[H, N, d]`` and log-sum-exp ``[H, N]`` over these keys, if already computed
+    (``attend_with_lse``).
+
+    The output and log-sum-exp come from one fused attention; one more pass over the scores
+    gives each row's maximum and each key's rank: ``[Q*scale, -lse] . [K, 1]`` is the log
+    attention weight ``S - lse`` straight out of the matmul. Per head and in blocks of 64
+    queries (~1 MB of scores at a time, which stays in cache: writing the whole ``[N, T]``
+    matrix cost more than the maths)."""
     import torch
 
     k32, v32 = keys.float(), values.float()
-    # the [H, N, T] scores go in blocks of queries, ~8 MB at a time: a larger buffer is
-    # allocated afresh (its pages faulted in) for every block, which cost more than the maths
-    block = max(64, (1 << 21) // (keys.shape[0] * keys.shape[1]))
-    shifts, masses, sinks, outputs, rank = [], [], [], [], None
-    for i in range(0, queries.shape[1], block):
-        weights = torch.matmul(queries[:, i:i + block] * scale, k32.transpose(1, 2))
-        shifts.append(weights.amax(dim=-1, keepdim=True))
-        weights.sub_(shifts[-1]).exp_()  # exp(S - m)
-        masses.append(weights.sum(dim=-1))
-        sinks.append(weights[:, :, 0].clone())
-        weights.div_(masses[-1].unsqueeze(-1))  # softmax(S)
-        outputs.append(torch.matmul(weights, v32))
-        part = weights.amax(dim=1) if select == "max" else (weights if select == "mean"
-                                                             else weights.square_()).sum(dim=1)
-        rank = part if rank is None else torch.maximum(rank, part) if select == "max" else rank + part
-    if select != "max":  # mean, or root mean square
-        rank = rank.div_(queries.shape[1]) if select == "mean" else rank.div_(queries.shape[1]).sqrt_()
+    if attended is None:
+        output, lse = attend_with_lse(queries[None], k32[None], v32[None], scale)
+        attended = output[0], lse[0]
+    output, lse = attended
+    logq = torch.cat([queries * scale, -lse.unsqueeze(-1)], dim=-1)  # [H, N, d + 1]
+    logk = torch.cat([k32, torch.ones_like(k32[..., :1])], dim=-1).transpose(1, 2)  # [H, d + 1, T]
+    heads, n = queries.shape[:2]
+    row_max = torch.empty(heads, n, device=queries.device)  # max_j (S - lse)
+    sink_log = torch.empty(heads, n, device=queries.device)  # the sink's S - lse
+    rank = torch.empty(heads, keys.shape[1], device=queries.device)
+    for h in range(heads):
+        best = None
+        for i in range(0, n, 64):
+            logw = torch.matmul(logq[h, i:i + 64], logk[h])  # [b, T]: log softmax(S)
+            row_max[h, i:i + 64] = logw.amax(dim=-1)
+            sink_log[h, i:i + 64] = logw[:, 0]
+            if select == "max":
+                part = logw.amax(dim=0)
+            else:
+                part = logw.exp_() if select == "mean" else logw.mul_(2).exp_()
+                part = part.sum(dim=0)
+            best = part if best is None else torch.maximum(best, part) if select == "max" else best + part
+        rank[h] = best.exp() if select == "max" else best / n if select == "mean" else (best / n).sqrt()
     rank[:, 0] = float("-inf")
-    return AttentionTargets(*(torch.cat(x, dim=1) for x in (shifts, masses, sinks, outputs)), rank)
+    shift = row_max + lse  # max_j S
+    return AttentionTargets(shift.unsqueeze(-1), torch.exp(-row_max), torch.exp(sink_log - row_max),
+                            output, rank)
 
 
 def fit_head_group(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, scale: float,
