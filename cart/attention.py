@@ -38,7 +38,8 @@ copied per row -- the queries are grouped by cartridge instead:
   and 0 * NaN are NaN). Padding keys are zeros with a -inf bias: exactly no probability.
 
 Compaction with a global budget passes ``cart_observer``, called with each layer's
-``(layer, query, key, value, scaling)`` before the attention runs as usual. Compaction with a
+``(layer, query, key, value, scaling, attention_mask)``: it computes the layer's attention
+itself and returns it (``[B, heads, q, d]``), keeping what it needs on the way. Compaction with a
 uniform one (``cart.compaction``) passes ``cart_compaction`` instead: an object whose
 ``fit(layer, query, scaling)`` builds that layer's prefix from the queries now reaching it and
 returns the ``SharedPrefixes`` to attend to -- so each layer is fitted to queries that already

@@ -27,8 +27,10 @@ corpus positions, so the queries after the cartridge start at ``T`` (``query_pos
 Budgets (``budget``): *uniform* keeps p - 1 keys in every layer and KV head (a rectangular
 cartridge); *global* keeps the same total, ``layers x kv_heads x (p - 1)`` keys, but spends it
 where attention needs it: one forward pass reads the corpus and then its reference queries in
-one row (a plain causal pass), every (layer, head, key) is scored by its highest attention
-weight from a reference query, the top scores over the whole model decide how many keys each
+one row (a plain causal pass, whose attention ``_Observer`` computes as a split softmax: the
+queries' attention over the corpus alone, which the fit needs, is computed once and joined to
+their attention over their own tokens), every (layer, head, key) is scored by its highest
+attention weight from a reference query, the top scores over the whole model decide how many keys each
 head keeps (``allocate``), and each head is fitted with its own count to the queries of that
 same pass. So a global budget is fitted off policy, not layer by layer: on
 ``examples/orbital`` (p=128) that closed 72% of the no-context -> ICL answer-NLL gap against
@@ -200,19 +202,20 @@ def reference_queries(kv_heads: int, cfg: CompactionConfig, query: torch.Tensor,
 
 
 def attend_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                    causal: bool = False, mask: torch.Tensor | None = None
+                    causal: bool = False, mask: torch.Tensor | None = None, fused: bool | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention with its log-sum-exp: ``query`` ``[B, heads, n, d]``, ``key``/``value`` ``[B,
     kv_heads, t, d]`` (head h reads KV head h // group), ``causal`` (n = t) or ``mask`` (bool,
     broadcasting to ``[B, heads, n, t]``) -> the output ``[B, heads, n, d]`` and ``log sum_j
     exp(scores)`` ``[B, heads, n]``: what joins attention over two sets of keys (split softmax).
-    On a CPU, PyTorch's fused flash kernel (no ``[n, t]`` scores held); elsewhere plain maths."""
+    ``fused`` (default: on a CPU): PyTorch's fused flash kernel, which holds no ``[n, t]``
+    scores; otherwise plain maths (other devices have the memory)."""
     import torch
 
     if mask is not None:
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
             ~mask, float("-inf"))
-    if query.device.type == "cpu":
+    if query.device.type == "cpu" if fused is None else fused:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, 0.0, causal, attn_mask=mask, scale=scale)
     group = query.shape[1] // key.shape[1]

@@ -375,3 +375,68 @@ def test_cart_compact_cli(run_cart, tiny_model, tmp_path):
     assert one_line_error(proc).endswith("tokens (lower -p)") and out.read_bytes() == before
     proc = run_cart("compact", corpus, "-p", "1", "-o", out, "--model", tiny_model)
     assert one_line_error(proc) == "cart: error: -p/--tokens must be at least 2, got 1"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attend_with_lse_is_softmax_attention_and_its_log_mass(fused):
+    """Both ways (PyTorch's fused CPU kernel, plain maths for other devices): grouped heads,
+    causal or a bool mask, against the softmax written out."""
+    from cart.compaction import attend_with_lse
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, n, 8, generator=gen) for h, n in ((6, 10), (2, 10), (2, 10)))
+    full = q @ k.repeat_interleave(3, 1).transpose(-1, -2) * 0.3
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    mask = torch.rand(1, 1, 10, 10, generator=gen) > 0.4
+    mask[..., 0] = True  # every row sees something
+    for kwargs, allowed in (({}, None), ({"causal": True}, causal), ({"mask": mask}, mask)):
+        scores = full if allowed is None else full.masked_fill(~allowed, float("-inf"))
+        out, lse = attend_with_lse(q, k, v, 0.3, fused=fused, **kwargs)
+        assert out.shape == (1, 6, 10, 8) and lse.shape == (1, 6, 10)
+        assert torch.allclose(lse, torch.logsumexp(scores, -1), atol=1e-5)
+        assert torch.allclose(out, torch.softmax(scores, -1) @ v.repeat_interleave(3, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("select", ["max", "mean", "rms"])
+def test_attention_targets_are_the_softmax_written_out(select):
+    from cart.compaction import attention_targets
+
+    gen = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(2, 30, 8, generator=gen) * 2, torch.randn(2, 30, 8, generator=gen)
+    queries = torch.randn(2, 150, 8, generator=gen) * 2  # more than one block of 64
+    got = attention_targets(keys, values, queries, 0.4, select)
+    scores = queries @ keys.transpose(1, 2) * 0.4
+    shift = scores.amax(-1, keepdim=True)
+    weights = torch.softmax(scores, -1)
+    rank = {"max": weights.amax(1), "mean": weights.mean(1), "rms": weights.square().mean(1).sqrt()}[select]
+    rank[:, 0] = float("-inf")
+    assert torch.allclose(got.shift, shift, atol=1e-5)
+    assert torch.allclose(got.mass, (scores - shift).exp().sum(-1), rtol=1e-5)
+    assert torch.allclose(got.sink, (scores[:, :, 0:1] - shift).exp().squeeze(-1), rtol=1e-4, atol=1e-7)
+    assert torch.allclose(got.output, weights @ values, atol=1e-5)
+    assert torch.allclose(got.rank, rank, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("sequences", [1, 2])
+def test_global_budget_pass_computes_the_models_own_attention(tiny, sequences):
+    """The global budget's pass computes each layer's attention itself (split softmax): the
+    hidden states it leaves are the model's plain ones, one query sequence (causal) or several
+    packed (masked)."""
+    from cart.compaction import CompactionConfig, _Observer, _run_queries
+
+    model, tok, _ = tiny
+    prefix = ids_of(tok, 40, 0)
+    queries = [ids_of(tok, 30, 1)[1:], ids_of(tok, 20, 2)[1:]][:sequences]
+    seen = []
+    model.model.register_forward_hook(lambda m, i, o: seen.append(o.last_hidden_state))
+    try:
+        _run_queries(model, len(prefix), queries, prefix_ids=prefix,
+                     cart_observer=_Observer(len(prefix), CompactionConfig(tokens=8)))
+    finally:
+        model.model._forward_hooks.clear()
+    with torch.no_grad():
+        for n, seq in enumerate(queries):
+            start = len(prefix) + sum(len(s) for s in queries[:n])
+            plain = model.model(input_ids=torch.tensor([prefix + seq])).last_hidden_state
+            assert torch.allclose(seen[0][0, start:start + len(seq)], plain[0, len(prefix):], atol=1e-4)
+        assert torch.allclose(seen[0][0, :len(prefix)], plain[0, :len(prefix)], atol=1e-4)
