@@ -30,9 +30,9 @@ where attention needs it: one forward pass reads the corpus and then its referen
 one row (a plain causal pass, whose attention ``_Observer`` computes as a split softmax: the
 queries' attention over the corpus alone, which the fit needs, is computed once and joined to
 their attention over their own tokens), every (layer, head, key) is scored by its highest
-attention weight from a reference query, the top scores over the whole model decide how many keys each
-head keeps (``allocate``), and each head is fitted with its own count to the queries of that
-same pass. So a global budget is fitted off policy, not layer by layer: on
+attention weight from a reference query, the top scores over the whole model decide how many
+keys each head keeps (``allocate``), and each head is fitted with its own count to the queries
+of that same pass. So a global budget is fitted off policy, not layer by layer: on
 ``examples/orbital`` (p=128) that closed 72% of the no-context -> ICL answer-NLL gap against
 66% on policy, in half the time. Heads differ a lot: on SmolLM2 a few copy-heavy layers want
 thousands of keys, most a dozen. The result is a flat cartridge (``cart.cartridge.flat_layer``): the
@@ -215,7 +215,9 @@ def attend_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if mask is not None:
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
             ~mask, float("-inf"))
-    if query.device.type == "cpu" if fused is None else fused:
+    if fused is None:
+        fused = query.device.type == "cpu"
+    if fused:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, 0.0, causal, attn_mask=mask, scale=scale)
     group = query.shape[1] // key.shape[1]
