@@ -428,12 +428,12 @@ def test_global_budget_pass_computes_the_models_own_attention(tiny, sequences):
     prefix = ids_of(tok, 40, 0)
     queries = [ids_of(tok, 30, 1)[1:], ids_of(tok, 20, 2)[1:]][:sequences]
     seen = []
-    model.model.register_forward_hook(lambda m, i, o: seen.append(o.last_hidden_state))
+    hook = model.model.register_forward_hook(lambda m, i, o: seen.append(o.last_hidden_state))
     try:
         _run_queries(model, len(prefix), queries, prefix_ids=prefix,
                      cart_observer=_Observer(len(prefix), CompactionConfig(tokens=8)))
     finally:
-        model.model._forward_hooks.clear()
+        hook.remove()
     with torch.no_grad():
         for n, seq in enumerate(queries):
             start = len(prefix) + sum(len(s) for s in queries[:n])
