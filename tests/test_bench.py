@@ -1,5 +1,6 @@
 """The GPU check script (bench/gpu_check.sh) runs end to end on a CPU in its small mode, so that
-a session lent a GPU spends its minutes measuring, not debugging: every check writes its figures."""
+a session lent a GPU spends its minutes measuring, not debugging: every check writes its figures.
+bench/quality.py says which of the quality bar's conditions hold, from its rows."""
 
 import json
 import os
@@ -44,7 +45,11 @@ def _quality_module():
 
     spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    path = list(sys.path)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = path  # the script puts examples/ first for its own imports
     return module
 
 
