@@ -403,33 +403,9 @@ def initial_cartridge(cfg: DistillConfig, data: ConvoSet, model: Any, tokenizer:
 
     p, frozen = cfg.tokens, cfg.frozen_tokens
     if init_is_cartridge(cfg.init):
-        loaded = Cartridge.load(cfg.init, identity)
-        if loaded.num_tokens != p or loaded.num_frozen != frozen:
-            raise CartError(f"{cfg.init}: has p={loaded.num_tokens} ({loaded.num_frozen} frozen), "
-                            f"but -p/--tokens is {p} with {frozen} frozen (give -p {loaded.num_tokens})")
-        cart = Cartridge(*([t.float() for t in group] for group in
-                           (loaded.frozen_keys, loaded.frozen_values, loaded.keys, loaded.values)),
-                         metadata={"query_position": loaded.query_position}, biases=loaded.biases)
-        previous = loaded.metadata
-        return cart, {"kind": "cartridge", "source": str(cfg.init),
-                      "sha256": loaded.file_sha256[:16],
-                      "corpus_hash": previous.get("corpus_hash"), "steps": previous.get("steps"),
-                      "init": previous.get("init")}
+        return loaded_init(cfg, identity)
     if cfg.init == "attention-match":
-        from cart.compact import CompactConfig, compact_ids
-
-        if not data.head_ids:
-            raise CartError("--init attention-match: the conversations carry no corpus (cart synth "
-                            "stores it in conversation 0 when it reads the corpus or a chunk "
-                            "that starts it); use --init random-tokens")
-        if len(data.head_ids) < p:
-            raise CartError(f"--init attention-match: the corpus has {len(data.head_ids)} tokens, "
-                            f"fewer than -p/--tokens {p} (lower -p)")
-        cart = compact_ids(model, tokenizer, data.head_ids,
-                           CompactConfig(tokens=p, device=str(next(model.parameters()).device)), console)
-        info = {**cart.metadata["init"], "source": data.head_source}
-        cart.metadata = {"query_position": cart.query_position}
-        return cart, info
+        return compacted_init(cfg, data, model, tokenizer, console)
     if cfg.init == "corpus":
         if not data.head_ids:
             raise CartError("--init corpus: the conversations carry no corpus head (cart synth "
@@ -479,6 +455,46 @@ def initial_cartridge(cfg: DistillConfig, data: ConvoSet, model: Any, tokenizer:
     return cart, info
 
 
+def loaded_init(cfg: DistillConfig, identity):
+    """``--init CARTRIDGE``: training goes on from a cartridge file of the same p and frozen
+    count (float32), its biases and query position kept."""
+    from cart.cartridge import Cartridge
+
+    p, frozen = cfg.tokens, cfg.frozen_tokens
+    loaded = Cartridge.load(cfg.init, identity)
+    if loaded.num_tokens != p or loaded.num_frozen != frozen:
+        raise CartError(f"{cfg.init}: has p={loaded.num_tokens} ({loaded.num_frozen} frozen), "
+                        f"but -p/--tokens is {p} with {frozen} frozen (give -p {loaded.num_tokens})")
+    cart = Cartridge(*([t.float() for t in group] for group in
+                       (loaded.frozen_keys, loaded.frozen_values, loaded.keys, loaded.values)),
+                     metadata={"query_position": loaded.query_position}, biases=loaded.biases)
+    previous = loaded.metadata
+    return cart, {"kind": "cartridge", "source": str(cfg.init),
+                  "sha256": loaded.file_sha256[:16],
+                  "corpus_hash": previous.get("corpus_hash"), "steps": previous.get("steps"),
+                  "init": previous.get("init")}
+
+
+def compacted_init(cfg: DistillConfig, data: ConvoSet, model: Any, tokenizer: Any, console: Console):
+    """``--init attention-match``: the attention-matching compaction of the corpus the
+    conversations carry (``cart compact``'s defaults at this p)."""
+    from cart.compact import CompactConfig, compact_ids
+
+    p = cfg.tokens
+    if not data.head_ids:
+        raise CartError("--init attention-match: the conversations carry no corpus (cart synth "
+                        "stores it in conversation 0 when it reads the corpus or a chunk "
+                        "that starts it); use --init random-tokens")
+    if len(data.head_ids) < p:
+        raise CartError(f"--init attention-match: the corpus has {len(data.head_ids)} tokens, "
+                        f"fewer than -p/--tokens {p} (lower -p)")
+    cart = compact_ids(model, tokenizer, data.head_ids,
+                       CompactConfig(tokens=p, device=str(next(model.parameters()).device)), console)
+    info = {**cart.metadata["init"], "source": data.head_source}
+    cart.metadata = {"query_position": cart.query_position}
+    return cart, info
+
+
 # -- distributed -----------------------------------------------------------------------------------
 @dataclass
 class Dist:
@@ -489,6 +505,32 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def check_split(self, batch_size: int, grad_accum: int) -> None:
+        """Refuse a step that does not split evenly over the processes and micro-steps."""
+        if self.world > 1 and batch_size % (self.world * grad_accum):
+            raise CartError(f"--batch-size ({batch_size}) must be a multiple of processes x "
+                            f"--grad-accum ({self.world} x {grad_accum})")
+
+    def wrap(self, module, device: str):
+        """``module`` (a ``TrainableCartridge``) on ``device`` and what the steps call: the
+        module itself, or its DistributedDataParallel wrapper over several processes."""
+        import torch
+
+        module = module.to(device)
+        module.move_frozen(device)
+        if self.world == 1:
+            return module, module
+        return module, torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device] if device.startswith("cuda") else None)
+
+    def close(self) -> None:
+        """Wait for every process, then leave the process group (nothing with one process)."""
+        if self.world > 1:
+            import torch.distributed
+
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 def init_distributed(device: str) -> Dist:
@@ -674,21 +716,12 @@ def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
         raise CartError("under torchrun, give conversation files (every process reads them), "
                         "not stdin")
     data = load_conversations(inputs)
-    if output == "auto":
-        output = default_output_name(data, cfg)
-        if Path(output).exists() and not (checkpoint or Path(output + ".ckpt").exists()):
-            raise CartError(f"{output} exists (the default name); give -o FILE to choose the "
-                            f"file, or -o {output} to replace it")
-        console.notice(f"cart: the cartridge goes to {output}")
-    if checkpoint is None and output not in (None, "-") and output_destination(output)[1]:
-        checkpoint = output + ".ckpt"  # none beside a pipe or device (-o >(...)), as on stdout
+    output, checkpoint = output_paths(data, cfg, output, checkpoint, console)
     ref = resolve_model(model_spec, console)
     tokenizer = load_tokenizer(ref)
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = init_distributed(device)
-    if dist.world > 1 and cfg.batch_size % (dist.world * cfg.grad_accum):
-        raise CartError(f"--batch-size ({cfg.batch_size}) must be a multiple of processes x "
-                        f"--grad-accum ({dist.world} x {cfg.grad_accum})")
+    dist.check_split(cfg.batch_size, cfg.grad_accum)
     model = load_model(ref, dtype="float32", device=device)
     identity = ModelIdentity.of(ref, model.config, tokenizer)
     check_conversations(data, model, identity, cfg)
@@ -697,76 +730,49 @@ def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
     query_position = cart.query_position  # compacted keys keep their corpus positions
     check_fits(f"the cartridge's query position {query_position}", query_position, data, model)
     dtype = compute_dtype(cfg.dtype, device)
-    module = TrainableCartridge(cart, model, cfg.objective, dtype).to(device)
-    module.move_frozen(device)
-    trained = module
-    if dist.world > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(
-            module, device_ids=[device] if device.startswith("cuda") else None)
+    module, trained = dist.wrap(TrainableCartridge(cart, model, cfg.objective, dtype), device)
     optimizer = torch.optim.Adam(module.parameters(), lr=cfg.lr)
 
     lengths = [len(c.token_ids) for c in data.convos]
     steps = plan_steps(lengths, cfg)
     fingerprint = distill_fingerprint(cfg, data.digest, init_info)
     ckpt_path = Path(checkpoint) if checkpoint else None
-    start_step, totals = 0, {"tokens": 0, "targets": 0, "seconds": 0.0}
-    if ckpt_path is not None and ckpt_path.exists():
-        start_step, totals = load_checkpoint(ckpt_path, module, optimizer, fingerprint)
-        if start_step > len(steps):
-            raise CartError(f"{ckpt_path}: holds {start_step} steps, more than this run's "
-                            f"{len(steps)} (raise --steps/--epochs or delete it)")
-        console.info(f"resuming from {ckpt_path} at step {start_step} of {len(steps)}")
-    log_file = None
-    if log is not None and dist.main:
-        # a killed run may have logged past its last checkpoint: those steps are redone
-        earlier = Path(log).read_bytes() if start_step and Path(log).exists() else b""
-        log_file = open(log, "wb")
-        log_file.writelines(dumps(r) for r, _ in intact_records(earlier)
-                            if isinstance(r.get("step"), int) and r["step"] <= start_step)
+    start_step, totals = resume(ckpt_path, module, optimizer, fingerprint, len(steps), console)
+    log_file = open_log(log, start_step) if log is not None and dist.main else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     last_loss = float("nan")
-    try:
-        with console.progress() as progress:
-            task = progress.add_task("distill", total=len(steps), completed=start_step, status="")
-            for step in range(start_step, len(steps)):
-                started = time.perf_counter()
-                rows = steps[step]
-                step_targets = sum(len(data.convos[i].positions) for row in rows for i in row)
-                step_tokens = sum(lengths[i] for row in rows for i in row)
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum, kl_sum = forward_backward(trained, rows, step_targets, cfg.grad_accum,
-                                                    dist, data.convos, query_position, pad_id, device)
-                if not math.isfinite(loss_sum):  # before the step: no NaN reaches a file
-                    raise non_finite_loss(step + 1, rows, data.convos, module, query_position,
-                                          pad_id, device)
-                optimizer.step()
-                seconds = time.perf_counter() - started
-                last_loss = loss_sum / max(step_targets, 1)
-                totals["tokens"] += step_tokens
-                totals["targets"] += step_targets
-                totals["seconds"] += seconds
-                record = {"step": step + 1, "loss": round(last_loss, 6),
-                          "kl": round(kl_sum / max(step_targets, 1), 6), "tokens": step_tokens,
-                          "targets": step_targets, "rows": len(rows), "lr": cfg.lr,
-                          "tokens_per_s": round(step_tokens / seconds, 1),
-                          "seconds": round(seconds, 3), "total_tokens": totals["tokens"]}
-                if log_file is not None:
-                    log_file.write(dumps(record))
-                    log_file.flush()
-                progress.update(task, completed=step + 1,
-                                status=f"loss {last_loss:.3f}  {step_tokens / seconds:.0f} tok/s")
-                done = step + 1
-                if ckpt_path is not None and dist.main and (done % cfg.save_every == 0 or done == len(steps)):
-                    save_checkpoint(ckpt_path, module, optimizer, done, fingerprint,
-                                    {**totals, "last_loss": last_loss})
-    finally:
-        if log_file is not None:
-            log_file.close()
+    with log_file or contextlib.nullcontext(), console.progress() as progress:
+        task = progress.add_task("distill", total=len(steps), completed=start_step, status="")
+        for step in range(start_step, len(steps)):
+            started = time.perf_counter()
+            rows = steps[step]
+            step_targets = sum(len(data.convos[i].positions) for row in rows for i in row)
+            step_tokens = sum(lengths[i] for row in rows for i in row)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, kl_sum = forward_backward(trained, rows, step_targets, cfg.grad_accum,
+                                                dist, data.convos, query_position, pad_id, device)
+            if not math.isfinite(loss_sum):  # before the step: no NaN reaches a file
+                raise non_finite_loss(step + 1, rows, data.convos, module, query_position,
+                                      pad_id, device)
+            optimizer.step()
+            seconds = time.perf_counter() - started
+            last_loss = loss_sum / max(step_targets, 1)
+            totals["tokens"] += step_tokens
+            totals["targets"] += step_targets
+            totals["seconds"] += seconds
+            if log_file is not None:
+                log_file.write(dumps(step_record(step + 1, len(rows), loss_sum, kl_sum, step_targets,
+                                                 step_tokens, seconds, cfg.lr, totals["tokens"])))
+                log_file.flush()
+            progress.update(task, completed=step + 1,
+                            status=f"loss {last_loss:.3f}  {step_tokens / seconds:.0f} tok/s")
+            done = step + 1
+            if ckpt_path is not None and dist.main and (done % cfg.save_every == 0 or done == len(steps)):
+                save_checkpoint(ckpt_path, module, optimizer, done, fingerprint,
+                                {**totals, "last_loss": last_loss})
     if not steps or start_step == len(steps):
         last_loss = totals.get("last_loss", last_loss)
-    if dist.world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    dist.close()
     if not dist.main:
         return None
     training = {**asdict(cfg), "compute_dtype": dtype, "processes": dist.world, "device": device,
@@ -780,6 +786,56 @@ def distill(inputs: Sequence[str], cfg: DistillConfig, model_spec: str | None,
                  f"{totals['tokens'] / max(totals['seconds'], 1e-9):.0f} tok/s"
                  + (f" -> {output}" if output not in (None, "-") else ""))
     return result
+
+
+def output_paths(data: ConvoSet, cfg: DistillConfig, output: str | None, checkpoint: str | None,
+                 console: Console) -> tuple[str | None, str | None]:
+    """The cartridge's path (``auto``: ``default_output_name``, never over an existing file a
+    checkpoint does not resume) and the checkpoint's (default: beside a file output)."""
+    if output == "auto":
+        output = default_output_name(data, cfg)
+        if Path(output).exists() and not (checkpoint or Path(output + ".ckpt").exists()):
+            raise CartError(f"{output} exists (the default name); give -o FILE to choose the "
+                            f"file, or -o {output} to replace it")
+        console.notice(f"cart: the cartridge goes to {output}")
+    if checkpoint is None and output not in (None, "-") and output_destination(output)[1]:
+        checkpoint = output + ".ckpt"  # none beside a pipe or device (-o >(...)), as on stdout
+    return output, checkpoint
+
+
+def resume(ckpt_path: Path | None, module, optimizer, fingerprint: str, steps: int,
+           console: Console) -> tuple[int, dict[str, float]]:
+    """The step to start at and the running totals: those of the checkpoint when there is one
+    (``load_checkpoint`` checks that it is this run's), else 0 and zeros."""
+    if ckpt_path is None or not ckpt_path.exists():
+        return 0, {"tokens": 0, "targets": 0, "seconds": 0.0}
+    start_step, totals = load_checkpoint(ckpt_path, module, optimizer, fingerprint)
+    if start_step > steps:
+        raise CartError(f"{ckpt_path}: holds {start_step} steps, more than this run's "
+                        f"{steps} (raise --steps/--epochs or delete it)")
+    console.info(f"resuming from {ckpt_path} at step {start_step} of {steps}")
+    return start_step, totals
+
+
+def open_log(log: str, start_step: int):
+    """The ``--log`` file, open for writing, holding the records of the steps up to
+    ``start_step`` that an earlier run logged."""
+    # a killed run may have logged past its last checkpoint: those steps are redone
+    earlier = Path(log).read_bytes() if start_step and Path(log).exists() else b""
+    log_file = open(log, "wb")
+    log_file.writelines(dumps(r) for r, _ in intact_records(earlier)
+                        if isinstance(r.get("step"), int) and r["step"] <= start_step)
+    return log_file
+
+
+def step_record(step: int, rows: int, loss_sum: float, kl_sum: float, targets: int, tokens: int,
+                seconds: float, lr: float, total_tokens: int) -> dict[str, Any]:
+    """One ``--log`` line (cart-formats(5)): the step's mean loss and KL per target token, its
+    size and speed."""
+    return {"step": step, "loss": round(loss_sum / max(targets, 1), 6),
+            "kl": round(kl_sum / max(targets, 1), 6), "tokens": tokens, "targets": targets,
+            "rows": rows, "lr": lr, "tokens_per_s": round(tokens / seconds, 1),
+            "seconds": round(seconds, 3), "total_tokens": total_tokens}
 
 
 def non_finite_loss(step: int, rows: list[list[int]], convos: Sequence[Conversation], module,

@@ -357,16 +357,7 @@ def evaluate(questions_path: str, cfg: EvalConfig, model: str | None, *, no_cont
 
     run = run_fingerprint(asdict(cfg), ident.model_id, ident.config_hash, sha256_hex(questions_bytes),
                           [[m.name, m.kind, m.digest] for m in methods])
-    # A file is built as FILE.partial, which a rerun resumes; stdout, or a pipe or device
-    # (-o >(...)), takes the rows as they come.
-    done, partial = {}, None
-    if output not in (None, "-") and output_destination(output)[1]:
-        partial = PartialOutput(output, run, "partial results of another run (other questions, "
-                                "methods or settings)")
-        done, end = done_batches(partial.earlier)
-        if done:
-            console.info(f"resuming {partial.path}: {len(done)} batches already done")
-        partial.resume(end)
+    done, partial = resume_output(output, run, console)
     summaries, all_rows = [], []
     with atomic_output(output) if partial is None else contextlib.nullcontext() as live, \
             console.progress() as progress:
@@ -395,6 +386,32 @@ def evaluate(questions_path: str, cfg: EvalConfig, model: str | None, *, no_cont
               "num_questions": len(questions),
               "model": {"id": ident.model_id, "config_hash": ident.config_hash},
               "config": asdict(cfg), "kv_bytes_per_token": bytes_per_token, "methods": summaries}
+    write_report(report, summary_path, plot_path, console)
+    if table or (table is None and console.interactive):
+        print(format_table(summaries), file=sys.stderr, end="", flush=True)
+    return summaries
+
+
+def resume_output(output: str | None, run: str, console: Console
+                  ) -> tuple[dict[tuple[str, int], dict[str, Any]], PartialOutput | None]:
+    """The batches an earlier run of the same ``run`` fingerprint finished, by (method, batch),
+    and the ``FILE.partial`` this run goes on writing: a file output is built as FILE.partial,
+    which a rerun resumes; stdout, or a pipe or device (-o >(...)), takes the rows as they come
+    (nothing to resume, None)."""
+    if output in (None, "-") or not output_destination(output)[1]:
+        return {}, None
+    partial = PartialOutput(output, run, "partial results of another run (other questions, "
+                            "methods or settings)")
+    done, end = done_batches(partial.earlier)
+    if done:
+        console.info(f"resuming {partial.path}: {len(done)} batches already done")
+    partial.resume(end)
+    return done, partial
+
+
+def write_report(report: dict[str, Any], summary_path: str | None, plot_path: str | None,
+                 console: Console) -> None:
+    """The ``cart.eval-summary/1`` report to ``--summary`` (JSON) and as ``--plot``, where asked."""
     if summary_path is not None:
         import json
 
@@ -406,9 +423,6 @@ def evaluate(questions_path: str, cfg: EvalConfig, model: str | None, *, no_cont
 
         plot_summary(report, plot_path)
         console.info(f"plot written to {plot_path}")
-    if table or (table is None and console.interactive):
-        print(format_table(summaries), file=sys.stderr, end="", flush=True)
-    return summaries
 
 
 def add_gap_closed(summaries: list[dict[str, Any]]) -> None:
