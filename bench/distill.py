@@ -184,8 +184,7 @@ def child(mode: str, p: int, dtype: str, steps: int, rows_per_step: int, model_s
         return [torch.randn(kvh, n, hd, generator=gen) for _ in range(layers)]
 
     cart = Cartridge(rand(1), rand(1), rand(p - 1), rand(p - 1))
-    module = TrainableCartridge(cart, model, "kl", dtype).to(device)
-    module.move_frozen(device)
+    module = TrainableCartridge(cart, model, "kl", dtype).place(device)
     opt = torch.optim.Adam(module.parameters(), lr=2e-2)
     embed = model.get_input_embeddings()
     tokens = flops = 0

@@ -517,8 +517,7 @@ class Dist:
         module itself, or its DistributedDataParallel wrapper over several processes."""
         import torch
 
-        module = module.to(device)
-        module.move_frozen(device)
+        module = module.place(device)
         if self.world == 1:
             return module, module
         return module, torch.nn.parallel.DistributedDataParallel(

@@ -51,11 +51,15 @@ class TrainableCartridge(nn.Module):
             for p in model.parameters():  # (tied embeddings: one parameter, cast once)
                 p.data = p.data.to(torch.bfloat16)
 
-    def move_frozen(self, device):
+    def place(self, device):
+        """This module on ``device``, returned: its parameters and the frozen tensors (sinks,
+        biases) kept outside them, which ``Module.to`` does not move."""
+        self.to(device)
         object.__setattr__(self, "frozen_keys", [k.to(device) for k in self.frozen_keys])
         object.__setattr__(self, "frozen_values", [v.to(device) for v in self.frozen_values])
         if self.biases is not None:
             object.__setattr__(self, "biases", [b.to(device) for b in self.biases])
+        return self
 
     def autocast(self, device_type: str):
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16,
